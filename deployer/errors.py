@@ -1,0 +1,189 @@
+"""One root exception, narrow subclasses, and the exit codes they map to.
+
+Every expected failure is a :class:`DeployerError`. The CLI boundary
+(``deployer/cli/main.py``) turns one into a single line on stderr and the
+exit code below; anything else is a bug and is logged with its traceback at
+debug level. Messages never contain credentials: build them from masked
+values only (see ``deployer.secrets``).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # some host rolled_back / failed / skipped, none unsafe
+EXIT_USAGE = 2  # usage, inventory or template error: nothing touched
+EXIT_UNSAFE = 3  # some host's end state is not verified
+EXIT_INTERRUPTED = 130  # interrupted, after the safe wind-down
+
+
+class DeployerError(Exception):
+    """Root of every expected deployer failure."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, *, host: str | None = None, step: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.host = host
+        self.step = step
+
+    @property
+    def type_name(self) -> str:
+        return type(self).__name__
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- local input: exit 2, nothing touched ------------------------------------
+
+
+class LocalInputError(DeployerError):
+    """Bad local input; raised before any network call."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(LocalInputError):
+    """Bad command-line arguments."""
+
+
+class InventoryError(LocalInputError):
+    """The inventory file is missing, malformed or inconsistent."""
+
+
+class TemplateError(LocalInputError):
+    """A template does not exist, does not parse, or uses an undefined name."""
+
+
+# --- the provider API ---------------------------------------------------------
+
+
+class ApiError(DeployerError):
+    """A provider API call failed. ``code`` is the provider's ``error_code``."""
+
+    code: int | None = None
+    retryable = False
+
+    def __init__(self, message: str, *, call: str, code: int | None = None, **kw):
+        super().__init__(message, **kw)
+        self.call = call
+        if code is not None:
+            self.code = code
+
+
+class ApiTransientError(ApiError):
+    """Network error, timeout, HTTP 5xx or a reply that is not SPEC-shaped JSON."""
+
+    retryable = True
+
+
+class NotConnected(ApiError):
+    code = 11
+    retryable = True
+
+
+class NotDisconnected(ApiError):
+    code = 12
+    retryable = True
+
+
+class InvalidApiCall(ApiError):
+    code = 21
+
+
+class TooManyCalls(ApiError):
+    code = 22
+    retryable = True
+
+
+class ClientBlocked(ApiError):
+    code = 23
+
+
+class ClientInactive(ApiError):
+    code = 24
+
+
+class WrongData(ApiError):
+    code = 31
+
+
+class UnknownApiError(ApiError):
+    """An error code SPEC 1 does not list; never retried."""
+
+
+API_ERRORS_BY_CODE: dict[int, type[ApiError]] = {
+    cls.code: cls
+    for cls in (
+        NotConnected,
+        NotDisconnected,
+        InvalidApiCall,
+        TooManyCalls,
+        ClientBlocked,
+        ClientInactive,
+        WrongData,
+    )
+}
+
+
+# --- the remote host ----------------------------------------------------------
+
+
+class RemoteError(DeployerError):
+    """Something on the remote host failed."""
+
+
+class HostKeyError(RemoteError):
+    """The host key is unknown (strict) or changed (always refused)."""
+
+
+class SshConnectError(RemoteError):
+    """The SSH session could not be opened or was lost."""
+
+
+class RemoteCommandError(RemoteError):
+    """A remote command exited non-zero; carries the command and its output tail."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str = "",
+        exit_status: int | None = None,
+        output_tail: str = "",
+        **kw,
+    ):
+        super().__init__(message, **kw)
+        self.command = command
+        self.exit_status = exit_status
+        self.output_tail = output_tail
+
+
+class LockHeld(RemoteError):
+    """Another deployer holds the host lock."""
+
+
+class VerifyError(RemoteError):
+    """A remote check (sha256, validate, health) disagreed with what we expect."""
+
+
+# --- the workflow --------------------------------------------------------------
+
+
+class ClientOffline(DeployerError):
+    """The client did not come (or stay) online."""
+
+
+class GuardError(DeployerError):
+    """The guard reported a failure or stopped answering."""
+
+
+class Interrupted(DeployerError):
+    """Ctrl-C or SIGTERM; the host was wound down safely."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class JournalError(DeployerError):
+    """The state journal cannot be opened or written."""

@@ -1,0 +1,80 @@
+"""The configuration model that the inventory loader produces and every other
+part of deployer consumes. Plain frozen dataclasses; credentials are
+:class:`~deployer.secrets.Secret`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.secrets import Secret
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    api_url: str  # contains "{call}"
+    ssh_host: str
+    user_id: Secret
+    rate_limit: float = 5.0  # API calls per second for the whole run
+    timeout: float = 10.0  # seconds per API request
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    kind: str = "systemd"  # systemd | pidfile | command
+    unit: str = "sshreach-client"  # systemd
+    pidfile: str = ""  # pidfile (jinja2, host context)
+    run: str = ""  # pidfile: the command that runs the client (jinja2)
+    start: str = ""  # command (jinja2)
+    stop: str = ""  # command (jinja2)
+    check: str = ""  # command (jinja2): exit 0 while the client runs
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    dbid: Secret
+    host_uuid: Secret
+    ports_id: int
+    ssh_port: int
+    groups: tuple[str, ...] = ()
+    ssh_user: str = "pi"
+    ssh_key: str = "~/.ssh/id_ed25519"
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_policy: str = "accept-new"  # strict | accept-new
+    template: Path = Path("templates/client.py.j2")  # absolute after loading
+    script_path: str = "/opt/sshreach/client.py"
+    mode: str = "0755"
+    sudo: bool = False
+    online_timeout: float = 120.0
+    stable_for: float = 30.0
+    keep_backups: int = 3
+    validate: str = ""  # jinja2 with {{ path }}
+    health: str = ""
+    guard_deadline: float | None = None  # None: online_timeout + stable_for + 60
+    python: str = "python3"  # the interpreter that runs the guard on the host
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    vars: dict[str, Any] = field(default_factory=dict)
+
+    def secret_values(self) -> list[str]:
+        return [self.dbid.reveal(), self.host_uuid.reveal()]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path  # the inventory file
+    provider: ProviderConfig
+    hosts: dict[str, HostConfig]  # in file order
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> host names
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def secret_values(self) -> list[str]:
+        values = [self.provider.user_id.reveal()]
+        for host in self.hosts.values():
+            values.extend(host.secret_values())
+        return values

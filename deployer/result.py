@@ -1,0 +1,150 @@
+"""Results are values: a :class:`HostResult` per host, a :class:`RunResult` per run.
+
+``RunResult.to_json()`` is the versioned report contract of SPEC 5; it is
+pinned by ``tests/unit/test_result_contract.py``. Rendering for humans
+(table, JUnit) lives in ``deployer.report``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from deployer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSAFE, ApiError
+
+
+class Outcome(str, Enum):
+    UPGRADED = "upgraded"
+    UNCHANGED = "unchanged"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    UNSAFE = "unsafe"
+    SKIPPED = "skipped"
+    PLANNED = "planned"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANNED})
+OUTCOME_ORDER = [o.value for o in Outcome]
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StepRecord:
+    step: str
+    status: str  # ok | failed | skipped | undone
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "status": self.status, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class ErrorInfo:
+    step: str | None
+    type: str
+    message: str
+    api_error_code: int | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, step: str | None) -> ErrorInfo:
+        code = exc.code if isinstance(exc, ApiError) else None
+        message = str(exc) or type(exc).__name__
+        return cls(
+            step=getattr(exc, "step", None) or step,
+            type=type(exc).__name__,
+            message=message,
+            api_error_code=code,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "type": self.type,
+            "message": self.message,
+            "api_error_code": self.api_error_code,
+        }
+
+
+@dataclass
+class HostResult:
+    host: str
+    result: Outcome
+    old_sha256: str | None = None
+    new_sha256: str | None = None
+    exposure_seconds: float = 0.0
+    api_calls: int = 0
+    duration_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+    error: ErrorInfo | None = None
+    diff: str | None = None  # --dry-run only; not part of the JSON contract
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result in SUCCESS_OUTCOMES
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "result": self.result.value,
+            "old_sha256": self.old_sha256,
+            "new_sha256": self.new_sha256,
+            "exposure_seconds": round(self.exposure_seconds, 3),
+            "api_calls": self.api_calls,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "steps": [s.to_json() for s in self.steps],
+            "error": self.error.to_json() if self.error else None,
+        }
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    started: float
+    finished: float | None = None
+    hosts: list[HostResult] = field(default_factory=list)
+    interrupted: bool = False
+
+    def summary(self) -> dict[str, int]:
+        counts = {name: 0 for name in OUTCOME_ORDER}
+        for h in self.hosts:
+            counts[h.result.value] += 1
+        return counts
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and all(h.succeeded for h in self.hosts)
+
+    @property
+    def succeeded(self) -> list[HostResult]:
+        return [h for h in self.hosts if h.succeeded]
+
+    @property
+    def failed(self) -> list[HostResult]:
+        return [h for h in self.hosts if not h.succeeded]
+
+    def exit_code(self) -> int:
+        if any(h.result is Outcome.UNSAFE for h in self.hosts):
+            return EXIT_UNSAFE
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_OK if self.ok else EXIT_FAILED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "started": iso(self.started),
+            "finished": iso(self.finished),
+            "ok": self.ok,
+            "hosts": [h.to_json() for h in self.hosts],
+            "summary": self.summary(),
+        }

@@ -1,0 +1,1 @@
+"""The `sandbox` pytest fixture (filled in by the sandbox work)."""
