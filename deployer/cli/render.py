@@ -1,0 +1,73 @@
+"""`deployer render HOST`: print the rendered client script of one host.
+
+On stdout the credentials are masked (SPEC: secrets never reach output);
+``--output FILE`` writes the exact script (mode 0600) and prints only its
+sha256 and path, like ``sha256sum``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command(
+    help="Print the rendered script of HOST (credentials masked; --output for the exact file)."
+)
+@click.argument("host")
+@click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE", help="Override a var.")
+@click.option(
+    "--template",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Render this template instead of the host's.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the exact script (mode 0600) here; print its sha256 and path.",
+)
+@click.pass_obj
+def render(
+    obj, host: str, var_items: tuple[str, ...], template: Path | None, output: Path | None
+) -> None:
+    from deployer.errors import UsageError
+    from deployer.inventory import parse_var_overrides, select_hosts
+    from deployer.render import mask_secrets, render_script
+
+    overrides = parse_var_overrides(var_items)
+    inventory = obj.load_inventory(overrides)
+    selected = select_hosts(inventory, [host])
+    if len(selected) != 1:
+        raise UsageError(f"render takes one host; '{host}' matches {len(selected)} hosts")
+    rendered = render_script(inventory, selected[0], template)
+    if output is None:
+        click.echo(mask_secrets(rendered.text, inventory), nl=False)
+        click.echo(
+            f"deployer: credentials masked; --output FILE writes the exact script "
+            f"(sha256 {rendered.sha256})",
+            err=True,
+        )
+        return
+    write_private(output, rendered.text.encode("utf-8"))
+    click.echo(f"{rendered.sha256}  {output}")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600 (it holds credentials)."""
+    from deployer.errors import UsageError
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(
+            f"--output {path}: cannot write ({exc.strerror}); pick a writable path"
+        ) from None
