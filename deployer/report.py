@@ -1,0 +1,216 @@
+"""Render a :class:`~deployer.result.RunResult` for humans (table), machines
+(JSON, SPEC 5) and CI (JUnit XML).
+
+Reports are built only from result values, which hold no credentials; every
+renderer also takes ``secrets`` (raw values, e.g. ``Inventory.secret_values()``)
+and scrubs them as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+from deployer.result import HostResult, Outcome, RunResult, iso
+from deployer.secrets import scrub
+
+#: JUnit mapping: these results are <failure>, SKIPPED is <skipped>, the rest pass
+JUNIT_FAILURES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
+TABLE_COLUMNS = ("HOST", "RESULT", "EXPOSURE s", "API CALLS", "DURATION s", "ERROR")
+MAX_ERROR_WIDTH = 80
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+# --- the human table ----------------------------------------------------------
+
+
+def one_line(text: str, width: int = MAX_ERROR_WIDTH) -> str:
+    """The first line of ``text``, cut to ``width`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def error_text(host: HostResult) -> str:
+    """``Type at step: message`` (or just the skip reason) for one host."""
+    error = host.error
+    if error is None:
+        return ""
+    if host.result is Outcome.SKIPPED:
+        return error.message
+    where = f" at {error.step}" if error.step else ""
+    code = f" [API {error.api_error_code}]" if error.api_error_code is not None else ""
+    return f"{error.type}{where}{code}: {error.message}"
+
+
+def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
+    """A fixed-width summary table, one row per host, then a counts line."""
+    rows = [TABLE_COLUMNS] + [_table_row(h) for h in run.hosts]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    lines.append(summary_line(run))
+    return scrub("\n".join(lines) + "\n", secrets)
+
+
+def _table_row(host: HostResult) -> tuple[str, ...]:
+    return (
+        host.host,
+        host.result.value,
+        f"{host.exposure_seconds:.2f}",
+        str(host.api_calls),
+        f"{host.duration_seconds:.1f}",
+        one_line(error_text(host)),
+    )
+
+
+def summary_line(run: RunResult) -> str:
+    """``12 hosts: 10 upgraded, 1 rolled_back, 1 skipped`` (zero counts left out)."""
+    counts = [f"{n} {name}" for name, n in run.summary().items() if n]
+    noun = "host" if len(run.hosts) == 1 else "hosts"
+    text = f"{len(run.hosts)} {noun}: " + (", ".join(counts) if counts else "nothing to do")
+    return text + (" (interrupted)" if run.interrupted else "")
+
+
+# --- JSON (SPEC 5) ------------------------------------------------------------------
+
+
+def to_json_text(run: RunResult, secrets: Iterable[str] = ()) -> str:
+    return scrub(json.dumps(run.to_json(), indent=2, ensure_ascii=False), secrets) + "\n"
+
+
+def write_json(run: RunResult, target: str | os.PathLike | IO[str], secrets=()) -> None:
+    """Write the SPEC 5 report to a path (atomically) or an open text stream."""
+    _write_text(to_json_text(run, secrets), target)
+
+
+# --- JUnit XML ----------------------------------------------------------------------
+
+
+def to_junit_xml(
+    run: RunResult,
+    suite_name: str = "deployer",
+    *,
+    command: str = "upgrade",
+    secrets: Iterable[str] = (),
+) -> str:
+    """One ``<testcase>`` per host; rolled_back/failed/unsafe fail, skipped is skipped."""
+    secrets = list(secrets)
+    summary = run.summary()
+    failures = sum(summary[o.value] for o in JUNIT_FAILURES)
+    duration = (run.finished or run.started) - run.started
+    attrs = {
+        "name": suite_name,
+        "tests": str(len(run.hosts)),
+        "failures": str(failures),
+        "errors": "0",
+        "skipped": str(summary[Outcome.SKIPPED.value]),
+        "time": f"{max(duration, 0.0):.3f}",
+        "timestamp": iso(run.started) or "",
+    }
+    root = ET.Element("testsuites", {k: attrs[k] for k in ("name", "tests", "failures", "time")})
+    root.set("errors", "0")
+    suite = ET.SubElement(root, "testsuite", attrs)
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", {"name": "run_id", "value": run.run_id})
+    for host in run.hosts:
+        _junit_case(suite, host, f"{suite_name}.{command}", secrets)
+    ET.indent(root)
+    text = ET.tostring(root, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + text + "\n"
+
+
+def _junit_case(suite: ET.Element, host: HostResult, classname: str, secrets: list[str]) -> None:
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        {"name": host.host, "classname": classname, "time": f"{host.duration_seconds:.3f}"},
+    )
+
+    def clean(text: str) -> str:
+        return _xml_safe(scrub(text, secrets))
+
+    if host.result in JUNIT_FAILURES:
+        kind = host.error.type if host.error else host.result.value
+        message = f"{host.result.value}: {one_line(error_text(host), 400) or 'no error recorded'}"
+        failure = ET.SubElement(case, "failure", {"message": clean(message), "type": clean(kind)})
+        failure.text = clean(_failure_details(host))
+    elif host.result is Outcome.SKIPPED:
+        reason = host.error.message if host.error else "not started"
+        ET.SubElement(case, "skipped", {"message": clean(reason)})
+    ET.SubElement(case, "system-out").text = clean(_host_log(host))
+
+
+def _failure_details(host: HostResult) -> str:
+    error = host.error
+    lines = [f"result: {host.result.value}"]
+    if error:
+        lines += [f"step: {error.step}", f"type: {error.type}"]
+        if error.api_error_code is not None:
+            lines.append(f"api_error_code: {error.api_error_code}")
+        lines.append(f"message: {error.message}")
+    if host.result is Outcome.UNSAFE:
+        lines.append("end state not verified: run `deployer recover` and check this host")
+    return "\n".join(lines)
+
+
+def _host_log(host: HostResult) -> str:
+    lines = [
+        f"result: {host.result.value}",
+        f"old_sha256: {host.old_sha256 or '-'}",
+        f"new_sha256: {host.new_sha256 or '-'}",
+        f"exposure_seconds: {host.exposure_seconds:.3f}",
+        f"api_calls: {host.api_calls}",
+    ]
+    lines += [f"{s.step}: {s.status} {s.seconds:.3f}s" for s in host.steps]
+    return "\n".join(lines)
+
+
+def _xml_safe(text: str) -> str:
+    """Drop characters XML 1.0 cannot carry (a remote command's output may hold them)."""
+    return _XML_INVALID.sub("\ufffd", text)
+
+
+def write_junit(
+    run: RunResult,
+    path: str | os.PathLike,
+    suite_name: str = "deployer",
+    *,
+    command: str = "upgrade",
+    secrets: Iterable[str] = (),
+) -> None:
+    _write_text(to_junit_xml(run, suite_name, command=command, secrets=secrets), path)
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def _write_text(text: str, target: str | os.PathLike | IO[str]) -> None:
+    if hasattr(target, "write"):
+        target.write(text)
+        target.flush()
+        return
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # a report, not a secret: CI uploads it as an artifact
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

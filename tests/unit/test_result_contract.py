@@ -1,0 +1,143 @@
+"""The `--json` report contract of SPEC 5, pinned: exact keys and types of the
+run, each host, step, error and summary. Changing one of these is a breaking
+change for every pipeline that reads the report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from deployer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSAFE, ClientBlocked
+from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord
+
+pytestmark = pytest.mark.unit
+
+RUN_KEYS = {"run_id", "started", "finished", "ok", "hosts", "summary"}
+HOST_KEYS = {
+    "host",
+    "result",
+    "old_sha256",
+    "new_sha256",
+    "exposure_seconds",
+    "api_calls",
+    "duration_seconds",
+    "steps",
+    "error",
+}
+STEP_KEYS = {"step", "status", "seconds"}
+ERROR_KEYS = {"step", "type", "message", "api_error_code"}
+RESULTS = ["upgraded", "unchanged", "rolled_back", "failed", "unsafe", "skipped", "planned"]
+STEP_STATUSES = {"ok", "failed", "skipped", "undone"}
+
+
+def document(hosts: list[HostResult], interrupted: bool = False) -> dict:
+    run = RunResult("run-1", 1_700_000_000.25, 1_700_000_010.75, hosts, interrupted)
+    return json.loads(json.dumps(run.to_json()))  # exactly what a pipeline reads
+
+
+def full_run() -> list[HostResult]:
+    steps = [StepRecord("preflight", "ok", 0.0213), StepRecord("swap", "undone", 1)]
+    error = ErrorInfo.from_exception(ClientBlocked("blocked", call="connect"), "connect")
+    return [
+        HostResult("pi-01", Outcome.UPGRADED, "a" * 64, "b" * 64, 1.9, 6, 4.2, steps[:1]),
+        HostResult("pi-02", Outcome.ROLLED_BACK, "a" * 64, "b" * 64, 2, 9, 12, steps, error),
+        HostResult("pi-03", Outcome.SKIPPED, error=ErrorInfo(None, "RolloutStopped", "why")),
+    ]
+
+
+def assert_iso8601_utc(value: str) -> None:
+    parsed = dt.datetime.fromisoformat(value)
+    assert parsed.utcoffset() == dt.timedelta(0)
+
+
+def test_run_keys_and_types():
+    doc = document(full_run())
+    assert set(doc) == RUN_KEYS
+    assert isinstance(doc["run_id"], str)
+    assert isinstance(doc["ok"], bool)
+    assert isinstance(doc["hosts"], list)
+    assert_iso8601_utc(doc["started"])
+    assert_iso8601_utc(doc["finished"])
+    assert doc["started"] == "2023-11-14T22:13:20+00:00"
+
+
+def test_host_keys_and_types():
+    for host in document(full_run())["hosts"]:
+        assert set(host) == HOST_KEYS
+        assert isinstance(host["host"], str)
+        assert host["result"] in RESULTS
+        for key in ("old_sha256", "new_sha256"):
+            assert host[key] is None or (isinstance(host[key], str) and len(host[key]) == 64)
+        assert isinstance(host["exposure_seconds"], (int, float))
+        assert isinstance(host["duration_seconds"], (int, float))
+        assert isinstance(host["api_calls"], int) and not isinstance(host["api_calls"], bool)
+        assert isinstance(host["steps"], list)
+        assert host["error"] is None or isinstance(host["error"], dict)
+
+
+def test_step_keys_and_types():
+    steps = document(full_run())["hosts"][1]["steps"]
+    assert [s["step"] for s in steps] == ["preflight", "swap"]
+    for step in steps:
+        assert set(step) == STEP_KEYS
+        assert isinstance(step["step"], str)
+        assert step["status"] in STEP_STATUSES
+        assert isinstance(step["seconds"], (int, float))
+    assert steps[0]["seconds"] == 0.021  # rounded to milliseconds
+
+
+def test_error_keys_and_types():
+    hosts = document(full_run())["hosts"]
+    assert hosts[0]["error"] is None
+    error = hosts[1]["error"]
+    assert set(error) == ERROR_KEYS
+    assert error == {
+        "step": "connect",
+        "type": "ClientBlocked",
+        "message": "blocked",
+        "api_error_code": 23,
+    }
+    assert hosts[2]["error"]["api_error_code"] is None
+    assert hosts[2]["error"]["step"] is None
+
+
+def test_summary_counts_every_result_name():
+    doc = document(full_run())
+    assert list(doc["summary"]) == RESULTS
+    assert all(isinstance(n, int) for n in doc["summary"].values())
+    assert doc["summary"]["upgraded"] == 1
+    assert doc["summary"]["rolled_back"] == 1
+    assert doc["summary"]["skipped"] == 1
+    assert sum(doc["summary"].values()) == len(doc["hosts"])
+
+
+@pytest.mark.parametrize(
+    ("results", "interrupted", "ok", "exit_code"),
+    [
+        (["upgraded", "unchanged", "planned"], False, True, EXIT_OK),
+        ([], False, True, EXIT_OK),
+        (["upgraded", "skipped"], False, False, EXIT_FAILED),
+        (["rolled_back", "failed"], False, False, EXIT_FAILED),
+        (["upgraded", "unsafe", "failed"], False, False, EXIT_UNSAFE),
+        (["upgraded", "skipped"], True, False, EXIT_INTERRUPTED),
+        (["unsafe", "skipped"], True, False, EXIT_UNSAFE),  # unsafe wins over 130
+    ],
+)
+def test_ok_and_exit_code(results, interrupted, ok, exit_code):
+    hosts = [HostResult(f"h{i}", Outcome(r)) for i, r in enumerate(results)]
+    run = RunResult("r", 0.0, 1.0, hosts, interrupted)
+    assert document(hosts, interrupted)["ok"] is ok
+    assert run.exit_code() == exit_code
+
+
+def test_unfinished_run_has_null_finished():
+    doc = RunResult("r", 0.0).to_json()
+    assert doc["finished"] is None
+    assert doc["hosts"] == [] and doc["ok"] is True
+
+
+def test_dry_run_diff_is_not_part_of_the_contract():
+    host = HostResult("pi-01", Outcome.PLANNED, diff="--- a\n+++ b\n")
+    assert set(document([host])["hosts"][0]) == HOST_KEYS
