@@ -124,6 +124,14 @@ class _Locator:
                 self.sections.append((_split_key(match.group(1)), index))
 
     def line_of(self, path: KeyPath) -> int | None:
+        found = self._line_in_table(path)
+        if found is None and path:
+            for table, start in self.sections:
+                if table[: len(path)] == path:
+                    return start + 1
+        return found
+
+    def _line_in_table(self, path: KeyPath) -> int | None:
         best: tuple[KeyPath, int] | None = None
         for number, (table, _start) in enumerate(self.sections):
             if path[: len(table)] == table and (best is None or len(table) >= len(best[0])):
@@ -163,14 +171,13 @@ class _Source:
     def error(self, key: KeyPath, problem: str, fix: str) -> InventoryError:
         line = self.locator.line_of(key)
         where = f"{self.path}:{line}" if line else str(self.path)
-        message = f"{where}: {_describe_key(key)}: {problem}; {fix}"
+        what = f"{_describe_key(key)}: " if key else ""
+        message = f"{where}: {what}{problem}; {fix}"
         return InventoryError(scrub(message, self.secrets))
 
 
 def _describe_key(key: KeyPath) -> str:
     """``('hosts', 'pi-01', 'ssh_port')`` -> ``[hosts.pi-01] ssh_port``."""
-    if not key:
-        return "file"
     tables = {"provider": 1, "defaults": 1, "groups": 2, "hosts": 2}
     depth = tables.get(key[0], 1)
     if len(key) > depth and key[depth] == "service" and len(key) > depth + 1:
@@ -290,15 +297,16 @@ def _check_table(
     checked = {}
     for name, value in table.items():
         if name not in types:
-            fix = hint if hint and name in HOST_ONLY_TYPES else _unknown_key_fix(name, types)
-            raise source.error((*key, name), "unknown key", fix)
+            if hint and name in HOST_ONLY_TYPES:
+                raise source.error((*key, name), "a host-only key", hint)
+            raise source.error((*key, name), "unknown key", _unknown_key_fix(name, types))
         checked[name] = _check_type(value, types[name], (*key, name), source)
     return checked
 
 
 def _check_settings(table: Any, key: KeyPath, source: _Source, host: bool) -> dict[str, Any]:
     types = {**SETTING_TYPES, **HOST_ONLY_TYPES} if host else SETTING_TYPES
-    hint = "" if host else "this key is host-only: move it to a [hosts.NAME] table"
+    hint = "" if host else "move it to a [hosts.NAME] table"
     settings = _check_table(table, types, key, source, hint)
     for name, value in settings.items():
         check = _VALUE_CHECKS.get(name)

@@ -1,0 +1,462 @@
+"""The inventory loader (SPEC 2): validation, precedence, interpolation, targets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deployer.errors import InventoryError, UsageError
+from deployer.inventory import load_inventory, parse_var_overrides, select_hosts
+
+pytestmark = pytest.mark.unit
+
+CLIENT_TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "client.py.j2"
+
+USER_ID = "USERID-SECRET-1111"
+DBID = "DBID-SECRET-2222"
+UUID = "UUID-SECRET-3333"
+SECRETS = (USER_ID, DBID, UUID, "DBID-SECRET-4444", "UUID-SECRET-5555")
+ENV = {"TEST_USER_ID": USER_ID, "PI01_DBID": DBID}
+
+BASE = """\
+[provider]
+api_url = "https://sshreach.example/init/api/{call}"
+ssh_host = "fw1.example"
+user_id = "${TEST_USER_ID}"
+rate_limit = 5.0
+timeout = 10.0
+
+[defaults]
+ssh_user = "pi"
+template = "client.py.j2"
+script_path = "/opt/sshreach/client.py"
+mode = "0755"
+host_key_policy = "accept-new"
+stable_for = 30
+vars = { release = "1", region = "none" }
+
+[defaults.service]
+kind = "systemd"
+unit = "sshreach-client"
+
+[groups.lab]
+vars = { region = "eu" }
+
+[groups.edge]
+ssh_user = "edge"
+stable_for = 5
+
+[hosts.pi-01]
+dbid = "${PI01_DBID}"
+host_uuid = "UUID-SECRET-3333"
+ports_id = 1234
+ssh_port = 12345
+groups = ["lab"]
+vars = { location = "Berlin" }
+
+[hosts.pi-02]
+dbid = "DBID-SECRET-4444"
+host_uuid = "UUID-SECRET-5555"
+ports_id = 1235
+ssh_port = 12346
+groups = ["lab", "edge"]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "deployer.toml") -> Path:
+    shutil.copy(CLIENT_TEMPLATE, tmp_path / "client.py.j2")
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, text: str = BASE, overrides=None, env=None):
+    return load_inventory(
+        write(tmp_path, text), overrides=overrides, env=ENV if env is None else env
+    )
+
+
+def swap(old: str, new: str, text: str = BASE) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+# (id, inventory text, fragment of the one-line message, line it points at or None)
+MALFORMED = [
+    (
+        "unknown-host-key",
+        swap("ports_id = 1234", "ports_id = 1234\nssh_prot = 1"),
+        "[hosts.pi-01] ssh_prot: unknown key; did you mean 'ssh_port'?",
+        32,
+    ),
+    (
+        "unknown-top-level",
+        BASE + "\n[hostz.x]\n",
+        "[hostz]: unknown top-level key; did you mean 'hosts'?",
+        43,
+    ),
+    (
+        "unknown-service-key",
+        swap('unit = "sshreach-client"', 'unti = "x"'),
+        "[defaults.service] unti: unknown key; did you mean 'unit'?",
+        19,
+    ),
+    (
+        "unknown-provider-key",
+        swap("timeout = 10.0", "timeuot = 10.0"),
+        "[provider] timeuot: unknown key; did you mean 'timeout'?",
+        6,
+    ),
+    (
+        "ports-id-string",
+        swap("ports_id = 1234", 'ports_id = "1234"'),
+        "ports_id: must be an integer, got a string",
+        31,
+    ),
+    (
+        "ssh-port-range",
+        swap("ssh_port = 12345", "ssh_port = 70000"),
+        "ssh_port: 70000 is out of range; use a port in 1..65535",
+        32,
+    ),
+    ("ssh-port-zero", swap("ssh_port = 12345", "ssh_port = 0"), "use a port in 1..65535", 32),
+    (
+        "host-key-policy",
+        swap('host_key_policy = "accept-new"', 'host_key_policy = "yolo"'),
+        "host_key_policy: 'yolo' is not allowed; use one of 'strict', 'accept-new'",
+        13,
+    ),
+    (
+        "service-kind",
+        swap('kind = "systemd"', 'kind = "docker"'),
+        "unknown service kind 'docker'; use one of 'systemd', 'pidfile', 'command'",
+        18,
+    ),
+    (
+        "pidfile-needs-run",
+        swap('kind = "systemd"', 'kind = "pidfile"\npidfile = "/run/c.pid"'),
+        "service kind 'pidfile' needs service.run",
+        None,
+    ),
+    (
+        "command-needs-check",
+        swap('kind = "systemd"', 'kind = "command"\nstart = "a"\nstop = "b"'),
+        "service kind 'command' needs service.check",
+        None,
+    ),
+    (
+        "script-path-relative",
+        swap('script_path = "/opt/sshreach/client.py"', 'script_path = "c.py"'),
+        "script_path: 'c.py' is not an absolute path",
+        11,
+    ),
+    (
+        "mode-integer",
+        swap('mode = "0755"', "mode = 755"),
+        'must be a string, got an integer; quote it as an octal string, e.g. mode = "0755"',
+        12,
+    ),
+    (
+        "mode-not-octal",
+        swap('mode = "0755"', 'mode = "0999"'),
+        "'0999' is not an octal file mode",
+        12,
+    ),
+    (
+        "sudo-string",
+        swap('ssh_user = "pi"', 'ssh_user = "pi"\nsudo = "yes"'),
+        "[defaults] sudo: must be true or false, got a string",
+        10,
+    ),
+    (
+        "timeout-string",
+        swap("stable_for = 30", 'stable_for = "30"'),
+        "[defaults] stable_for: must be a number, got a string",
+        14,
+    ),
+    (
+        "keep-backups-float",
+        swap("stable_for = 30", "stable_for = 30\nkeep_backups = 2.5"),
+        "keep_backups: must be an integer, got a number",
+        15,
+    ),
+    (
+        "rate-limit-zero",
+        swap("rate_limit = 5.0", "rate_limit = 0"),
+        "[provider] rate_limit: 0 is out of range; use a value > 0",
+        5,
+    ),
+    ("api-url-no-call", swap("api/{call}", "api/connect"), "has no '{call}' placeholder", 2),
+    ("api-url-scheme", swap("https://sshreach", "ftp://sshreach"), "not an http(s) URL", 2),
+    (
+        "unknown-group",
+        swap('groups = ["lab"]', 'groups = ["labb"]'),
+        "[hosts.pi-01] groups: unknown group 'labb'; did you mean 'lab'?",
+        33,
+    ),
+    (
+        "no-hosts",
+        BASE.split("[hosts.pi-01]")[0],
+        "no hosts defined; add at least one [hosts.NAME]",
+        None,
+    ),
+    ("syntax-error", swap("ports_id = 1234", "ports_id = = 1234"), "TOML syntax error", 31),
+    (
+        "missing-env",
+        swap("${PI01_DBID}", "${NOPE_DBID}"),
+        "[hosts.pi-01] dbid: environment variable NOPE_DBID is not set",
+        29,
+    ),
+    ("malformed-env", swap("${PI01_DBID}", "${PI01 DBID}"), "malformed '${'", 29),
+    (
+        "template-missing",
+        swap('template = "client.py.j2"', 'template = "nope.j2"'),
+        "[defaults] template: template 'nope.j2' not found",
+        10,
+    ),
+    (
+        "host-only-in-defaults",
+        swap('ssh_user = "pi"', 'ssh_user = "pi"\ndbid = "DBID-SECRET-2222"'),
+        "[defaults] dbid: a host-only key; move it to a [hosts.NAME] table",
+        10,
+    ),
+    (
+        "missing-dbid",
+        swap('dbid = "DBID-SECRET-4444"\n', ""),
+        "[hosts.pi-02]: missing key 'dbid'",
+        36,
+    ),
+    (
+        "missing-provider",
+        BASE.split("[defaults]")[1].join(["[defaults]", ""]),
+        "no [provider] table",
+        None,
+    ),
+    (
+        "duplicate-ssh-port",
+        swap("ssh_port = 12346", "ssh_port = 12345"),
+        "port 12345 is also the tunnel port of host 'pi-01'",
+        40,
+    ),
+    (
+        "var-name",
+        swap('vars = { location = "Berlin" }', 'vars = { "bad-name" = 1 }'),
+        "vars.bad-name: a var name must be an identifier",
+        34,
+    ),
+    (
+        "reserved-host-name",
+        swap("[hosts.pi-02]", "[hosts.all]"),
+        "'all' is not a valid host name",
+        36,
+    ),
+    (
+        "dbid-wrong-type",
+        swap('dbid = "DBID-SECRET-4444"', "dbid = 4444"),
+        "[hosts.pi-02] dbid: must be a string, got an integer",
+        37,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment", "line"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
+def test_malformed_inventory_gives_one_line_error(tmp_path, text, fragment, line):
+    with pytest.raises(InventoryError) as caught:
+        load(tmp_path, text)
+    message = str(caught.value)
+    assert fragment in message
+    assert "\n" not in message
+    assert caught.value.exit_code == 2
+    where = f"{tmp_path / 'deployer.toml'}:{line}:" if line else f"{tmp_path / 'deployer.toml'}"
+    assert message.startswith(where), message
+    for secret in SECRETS:
+        assert secret not in message
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(
+        InventoryError, match=r"not found; pass -i PATH or set \$DEPLOYER_INVENTORY"
+    ):
+        load_inventory(tmp_path / "none.toml")
+
+
+def test_error_never_shows_a_credential_even_when_it_is_the_bad_value(tmp_path):
+    text = swap('host_key_policy = "accept-new"', 'host_key_policy = "${TEST_USER_ID}"')
+    with pytest.raises(InventoryError) as caught:
+        load(tmp_path, text)
+    assert USER_ID not in str(caught.value)
+    assert "…1111" in str(caught.value)
+
+
+def test_valid_inventory_loads_in_file_order_with_secrets_wrapped(tmp_path):
+    inventory = load(tmp_path)
+    assert list(inventory.hosts) == ["pi-01", "pi-02"]
+    host = inventory.hosts["pi-01"]
+    assert host.dbid.reveal() == DBID and DBID not in repr(host)
+    assert host.host_uuid.reveal() == UUID and UUID not in repr(host)
+    assert inventory.provider.user_id.reveal() == USER_ID
+    assert USER_ID not in repr(inventory)
+    assert host.template == (tmp_path / "client.py.j2").resolve()
+    assert host.template.is_absolute()
+    assert inventory.groups == {"lab": ("pi-01", "pi-02"), "edge": ("pi-02",)}
+    assert inventory.path == (tmp_path / "deployer.toml").resolve()
+    assert sorted(inventory.secret_values()) == sorted(SECRETS)
+
+
+def test_defaults_apply_when_nothing_sets_a_key(tmp_path):
+    host = load(tmp_path).hosts["pi-01"]
+    assert (host.online_timeout, host.keep_backups, host.sudo) == (120.0, 3, False)
+    assert host.guard_deadline is None
+    assert host.validate == "" and host.health == ""
+    assert host.ssh_key == "~/.ssh/id_ed25519"
+
+
+def test_precedence_defaults_groups_host_overrides(tmp_path):
+    text = swap("[hosts.pi-02]\n", '[hosts.pi-02]\nvars = { release = "host" }\n')
+    inventory = load(tmp_path, text, overrides={"release": "cli", "extra": "x"})
+    one, two = inventory.hosts["pi-01"], inventory.hosts["pi-02"]
+    # defaults < group
+    assert one.vars["region"] == "eu"
+    assert (one.ssh_user, one.stable_for) == ("pi", 30.0)
+    assert (two.ssh_user, two.stable_for) == ("edge", 5.0)
+    # vars merge key by key; --var beats everything
+    assert one.vars == {"release": "cli", "region": "eu", "location": "Berlin", "extra": "x"}
+    assert two.vars["release"] == "cli"
+
+
+def test_host_beats_groups_and_later_groups_beat_earlier(tmp_path):
+    text = BASE + '\n[groups.slow]\nstable_for = 99\nssh_user = "slow"\n'
+    text = swap('groups = ["lab", "edge"]', 'groups = ["edge", "slow"]\nssh_user = "mine"', text)
+    text = swap('groups = ["lab"]', 'groups = ["slow", "edge"]', text)
+    inventory = load(tmp_path, text)
+    assert inventory.hosts["pi-02"].stable_for == 99.0  # slow listed last wins
+    assert inventory.hosts["pi-02"].ssh_user == "mine"  # host beats every group
+    assert inventory.hosts["pi-01"].stable_for == 5.0  # edge listed last wins
+
+
+def test_service_table_merges_key_by_key(tmp_path):
+    text = swap("[hosts.pi-02]\n", '[hosts.pi-02]\nservice = { unit = "other" }\n')
+    inventory = load(tmp_path, text)
+    assert inventory.hosts["pi-02"].service.kind == "systemd"
+    assert inventory.hosts["pi-02"].service.unit == "other"
+    assert inventory.hosts["pi-01"].service.unit == "sshreach-client"
+
+
+def test_pidfile_service_complete_across_layers(tmp_path):
+    text = swap('kind = "systemd"', 'kind = "pidfile"\npidfile = "/run/c.pid"')
+    text += '\n[hosts.pi-02.service]\nrun = "python3 {{ script_path }}"\n'
+    text = swap("[hosts.pi-01]\n", '[hosts.pi-01]\nservice = { run = "python3 x" }\n', text)
+    inventory = load(tmp_path, text)
+    service = inventory.hosts["pi-02"].service
+    assert (service.kind, service.pidfile, service.run) == (
+        "pidfile",
+        "/run/c.pid",
+        "python3 {{ script_path }}",
+    )
+
+
+def test_env_interpolation_everywhere_with_escape(tmp_path):
+    text = swap('vars = { location = "Berlin" }', 'vars = { location = "${CITY}-${CITY}" }')
+    text = swap('ssh_user = "edge"', 'ssh_user = "$${NOT_A_VAR}"', text)
+    text = swap('groups = ["lab"]', 'groups = ["${GROUP}"]', text)
+    inventory = load(tmp_path, text, env={**ENV, "CITY": "Bonn", "GROUP": "edge"})
+    assert inventory.hosts["pi-01"].vars["location"] == "Bonn-Bonn"
+    assert inventory.hosts["pi-01"].groups == ("edge",)
+    assert inventory.hosts["pi-01"].ssh_user == "${NOT_A_VAR}"
+    assert inventory.hosts["pi-01"].dbid.reveal() == DBID
+
+
+def test_env_value_is_not_interpolated_again(tmp_path):
+    inventory = load(tmp_path, env={**ENV, "PI01_DBID": "${TEST_USER_ID}"})
+    assert inventory.hosts["pi-01"].dbid.reveal() == "${TEST_USER_ID}"
+
+
+def test_env_defaults_to_process_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_USER_ID", "from-environ-9")
+    monkeypatch.setenv("PI01_DBID", DBID)
+    inventory = load_inventory(write(tmp_path, BASE))
+    assert inventory.provider.user_id.reveal() == "from-environ-9"
+
+
+def test_relative_key_paths_resolve_beside_the_inventory(tmp_path):
+    text = swap('ssh_user = "pi"', 'ssh_user = "pi"\nssh_key = "keys/id"\nknown_hosts = "~/kh"')
+    host = load(tmp_path, text).hosts["pi-01"]
+    assert host.ssh_key == str((tmp_path / "keys" / "id").resolve())
+    assert host.known_hosts == "~/kh"
+
+
+# --- targets ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    text = BASE
+    for number in (3, 4):
+        text += (
+            f'\n[hosts.web-{number}]\ndbid = "d{number}xxxx"\nhost_uuid = "u{number}xxxx"\n'
+            f'ports_id = {number}\nssh_port = {20000 + number}\ngroups = ["edge"]\n'
+        )
+    return load(tmp_path, text)
+
+
+def names(hosts) -> list[str]:
+    return [h.name for h in hosts]
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (["pi-02"], ["pi-02"]),
+        (["all"], ["pi-01", "pi-02", "web-3", "web-4"]),
+        (["@lab"], ["pi-01", "pi-02"]),
+        (["@edge"], ["pi-02", "web-3", "web-4"]),
+        (["web-*"], ["web-3", "web-4"]),
+        (["*-0?"], ["pi-01", "pi-02"]),
+        (["web-[4]"], ["web-4"]),
+        (["@e*"], ["pi-02", "web-3", "web-4"]),
+        (["web-4", "pi-01", "@lab", "pi-01"], ["pi-01", "pi-02", "web-4"]),  # file order, no dups
+    ],
+)
+def test_select_hosts(fleet, targets, expected):
+    assert names(select_hosts(fleet, targets)) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("pi-1", "target 'pi-1' matches no host or group; did you mean 'pi-01'?"),
+        ("@labs", "target '@labs' matches no host or group; did you mean '@lab'?"),
+        ("db-*", "target 'db-*' matches no host or group"),
+        ("PI-01", "did you mean 'pi-01'?"),
+    ],
+)
+def test_unmatched_target_is_a_usage_error(fleet, target, fragment):
+    with pytest.raises(UsageError) as caught:
+        select_hosts(fleet, ["pi-01", target])
+    assert fragment in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_empty_group_and_no_targets_are_usage_errors(tmp_path):
+    inventory = load(tmp_path, BASE + "\n[groups.empty]\n")
+    with pytest.raises(UsageError, match="group 'empty' has no hosts"):
+        select_hosts(inventory, ["@empty"])
+    with pytest.raises(UsageError, match="no targets given"):
+        select_hosts(inventory, [])
+
+
+# --- --var --------------------------------------------------------------------
+
+
+def test_parse_var_overrides():
+    assert parse_var_overrides(["a=1", "b=x=y", "c=", "a=2"]) == {"a": "2", "b": "x=y", "c": ""}
+
+
+@pytest.mark.parametrize("item", ["novalue", "=v", "1x=2", "bad-name=1"])
+def test_parse_var_overrides_rejects_bad_form(item):
+    with pytest.raises(UsageError, match="expected NAME=VALUE"):
+        parse_var_overrides([item])
