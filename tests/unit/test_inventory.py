@@ -460,3 +460,20 @@ def test_parse_var_overrides():
 def test_parse_var_overrides_rejects_bad_form(item):
     with pytest.raises(UsageError, match="expected NAME=VALUE"):
         parse_var_overrides([item])
+
+
+def test_documented_example_loads(tmp_path):
+    doc = (CLIENT_TEMPLATE.parents[1] / "docs" / "reference" / "inventory.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "templates").mkdir()
+    shutil.copy(CLIENT_TEMPLATE, tmp_path / "templates" / "client.py.j2")
+    path = tmp_path / "deployer.toml"
+    path.write_text(example)
+    env = {"SSHREACH_USER_ID": "u-12345", "PI01_DBID": "d-12345"}
+    host = load_inventory(path, env=env).hosts["pi-01"]
+    assert (host.vars, host.ssh_port, host.service.unit) == (
+        {"region": "eu", "location": "Berlin"},
+        12345,
+        "sshreach-client",
+    )
+    assert host.validate == "python3 -m py_compile {{ path | quote }}"
