@@ -1,0 +1,105 @@
+"""The run-wide limit on provider API calls, shared by every host's thread.
+
+:class:`RateLimiter` is a token bucket in its "virtual scheduling" form
+(GCRA): each :meth:`RateLimiter.acquire` reserves the next free slot under a
+lock and then sleeps until it. Slots are handed out in arrival order, so no
+thread starves however many wait (first come, first served), and the lock is
+never held while sleeping.
+
+A ``22 too many API calls`` reply calls :meth:`RateLimiter.slow_down`: the
+effective rate halves (not below ``rate / 16``). Each successful call
+(:meth:`RateLimiter.record_success`) gives back ``rate / 16``, so the full
+rate returns after a few successful calls, not at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from deployer.clock import Clock
+
+
+@dataclass(frozen=True)
+class SlowDownPolicy:
+    factor: float = 0.5  # a 22 multiplies the effective rate by this
+    floor: float = 1 / 16  # ... but never below this share of the configured rate
+    recovery: float = 1 / 16  # each success adds back this share of the configured rate
+    cooldown: float = 1.0  # seconds: one burst of 22s from many threads halves once
+
+
+DEFAULT_SLOW_DOWN = SlowDownPolicy()
+
+
+class RateLimiter:
+    """Thread-safe token bucket: at most ``rate`` acquisitions per second.
+
+    ``burst`` tokens may be taken at once after an idle spell (default 1: the
+    calls are evenly spaced, the safest reading of a provider's per-second
+    limit).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Clock | None = None,
+        *,
+        burst: float = 1.0,
+        policy: SlowDownPolicy = DEFAULT_SLOW_DOWN,
+    ):
+        if not rate > 0:
+            raise ValueError(f"rate limit must be positive, got {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst!r}")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.policy = policy
+        self._clock = clock or Clock()
+        self._lock = threading.Lock()
+        self._effective = self.rate
+        self._tat: float | None = None  # theoretical arrival time of the next call
+        self._last_slow_down: float | None = None
+
+    def __repr__(self) -> str:
+        return f"RateLimiter(rate={self.rate}, effective={self.effective_rate:.3g})"
+
+    @property
+    def effective_rate(self) -> float:
+        with self._lock:
+            return self._effective
+
+    def _reserve(self) -> float:
+        """Reserve the next slot; return the time it starts."""
+        with self._lock:
+            now = self._clock.now()
+            interval = 1.0 / self._effective
+            tat = now if self._tat is None else max(self._tat, now)
+            slot = max(now, tat - (self.burst - 1.0) * interval)
+            self._tat = tat + interval
+            return slot
+
+    def acquire(self, cancel: threading.Event | None = None) -> bool:
+        """Block until a call may be made. False if ``cancel`` was set meanwhile."""
+        slot = self._reserve()
+        wait = slot - self._clock.now()
+        if wait > 0:
+            return not self._clock.sleep(wait, cancel)
+        return not (cancel is not None and cancel.is_set())
+
+    def slow_down(self) -> None:
+        """The provider said 22: halve the effective rate (bounded below)."""
+        with self._lock:
+            now = self._clock.now()
+            last = self._last_slow_down
+            if last is not None and now - last < self.policy.cooldown:
+                return
+            self._last_slow_down = now
+            floor = self.rate * self.policy.floor
+            self._effective = max(floor, self._effective * self.policy.factor)
+
+    def record_success(self) -> None:
+        """A call succeeded: win back part of the configured rate."""
+        with self._lock:
+            if self._effective < self.rate:
+                step = self.rate * self.policy.recovery
+                self._effective = min(self.rate, self._effective + step)
