@@ -66,6 +66,8 @@ def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
 
 
 def _table_row(host: HostResult) -> tuple[str, ...]:
+    if host.result is Outcome.SKIPPED:
+        return (host.host, host.result.value, "-", "-", "-", one_line(error_text(host)))
     return (
         host.host,
         host.result.value,
