@@ -173,7 +173,8 @@ class _Source:
         where = f"{self.path}:{line}" if line else str(self.path)
         what = f"{_describe_key(key)}: " if key else ""
         message = f"{where}: {what}{problem}; {fix}"
-        return InventoryError(scrub(message, self.secrets))
+        one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+        return InventoryError(scrub(one_line, self.secrets))
 
 
 def _describe_key(key: KeyPath) -> str:
@@ -507,17 +508,15 @@ def _build_host(
     settings = {
         k: v for k, v in merged.items() if k in SETTING_TYPES and k not in ("service", "vars")
     }
-    if "template" in settings:
-        template = _resolve_path(settings["template"], base)
-        if not template.is_file():
-            raise source.error(
-                origin["template"],
-                f"template '{settings['template']}' not found (looked at {template})",
-                "fix the path; it is relative to the inventory file",
-            )
-        settings["template"] = template
-    else:
-        settings["template"] = _resolve_path(str(HostConfig.template), base)
+    raw_template = settings.get("template", str(HostConfig.template))
+    template = _resolve_path(raw_template, base)
+    if not template.is_file():
+        raise source.error(
+            origin.get("template", host_key),
+            f"template '{raw_template}' not found (looked at {template})",
+            "fix the path (set template = ...); it is relative to the inventory file",
+        )
+    settings["template"] = template
     for path_key in ("ssh_key", "known_hosts"):
         if path_key in settings:
             settings[path_key] = _local_path(settings[path_key], base)
@@ -661,7 +660,7 @@ def parse_var_overrides(items: Sequence[str]) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not VAR_NAME_RE.match(name):
             raise UsageError(
-                f"--var {name if sep else item!r}: expected NAME=VALUE with NAME an identifier "
+                f"--var {(name if sep else item)!r}: expected NAME=VALUE with NAME an identifier "
                 "(letters, digits, _), e.g. --var release=2"
             )
         result[name] = value

@@ -477,3 +477,22 @@ def test_documented_example_loads(tmp_path):
         "sshreach-client",
     )
     assert host.validate == "python3 -m py_compile {{ path | quote }}"
+
+
+def test_default_template_must_exist_too(tmp_path):
+    text = swap('template = "client.py.j2"\n', "")
+    with pytest.raises(InventoryError) as caught:
+        load(tmp_path, text)
+    assert "[hosts.pi-01]: template 'templates/client.py.j2' not found" in str(caught.value)
+    (tmp_path / "templates").mkdir()
+    shutil.copy(CLIENT_TEMPLATE, tmp_path / "templates" / "client.py.j2")
+    host = load(tmp_path, text).hosts["pi-01"]
+    assert host.template == (tmp_path / "templates" / "client.py.j2").resolve()
+
+
+def test_error_message_stays_one_line_with_a_newline_in_the_value(tmp_path):
+    text = swap('host_key_policy = "accept-new"', 'host_key_policy = "a\\nb"')
+    with pytest.raises(InventoryError) as caught:
+        load(tmp_path, text)
+    assert "\n" not in str(caught.value)
+    assert "'a\\nb' is not allowed" in str(caught.value)
