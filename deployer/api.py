@@ -34,7 +34,9 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -433,3 +435,36 @@ class ProviderAPI:
         if isinstance(reply, list):
             return [self._masked(v, host) for v in reply]
         return reply
+
+
+# --- the fleet's status (deployer status) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """One host's ``client_status``: online, offline (24) or unreachable (error)."""
+
+    host: str
+    online: bool
+    error_code: int | None  # 0 online, 24 offline, else the failure's code (None: transient)
+    error: str | None = None  # the failure's message, credential-free
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "online": self.online, "error_code": self.error_code}
+
+
+def host_status(api: ProviderAPI, host: HostConfig) -> HostStatus:
+    """Ask the provider about one host; a failure becomes an offline status."""
+    try:
+        online = api.client_status(host)
+    except ApiError as exc:
+        return HostStatus(host.name, False, exc.code, str(exc))
+    return HostStatus(host.name, online, 0 if online else OFFLINE_CODE)
+
+
+def fleet_status(api: ProviderAPI, hosts: Sequence[HostConfig], parallel: int) -> list[HostStatus]:
+    """``host_status`` of every host, ``parallel`` at a time, in the given order."""
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
+        return list(pool.map(lambda host: host_status(api, host), hosts))
