@@ -1,0 +1,46 @@
+"""Options shared by several commands (click only here; the engine gets plain values)."""
+
+from __future__ import annotations
+
+import click
+
+
+def parse_vars(items) -> dict[str, str]:
+    from deployer.inventory import parse_var_overrides
+
+    return parse_var_overrides(list(items))
+
+
+def rollout_options() -> list:
+    return [
+        click.option(
+            "--parallel",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Hosts upgraded at once.",
+        ),
+        click.option(
+            "--batch",
+            metavar="N|P%",
+            help="Waves of N hosts (or P% of them); a wave ends before the next.",
+        ),
+        click.option(
+            "--canary",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="A first wave of N hosts that must all succeed.",
+        ),
+        click.option(
+            "--max-failures",
+            metavar="N|P%",
+            help="Stop starting hosts once more than N (or P%) failed over the run.",
+        ),
+    ]
+
+
+def build_policy(parallel: int, batch: str | None, canary: int, max_failures: str | None):
+    from deployer.rollout import RolloutPolicy
+
+    return RolloutPolicy(parallel=parallel, batch=batch, canary=canary, max_failures=max_failures)

@@ -1,0 +1,376 @@
+"""The on-host guard: the swap, its watch and its undo, in one detached process.
+
+This file is uploaded to the host (stdlib only, Python >= 3.6 there) with
+its per-run configuration injected where ``CONFIG`` is defined; see
+:func:`deployer.plan.render_guard`. Started with ``--detach`` it
+forks into its own session and prints its pid, so deployer starts the whole
+swap in one SSH round trip.
+
+What it does, writing one JSON line per step to ``run_dir/status``:
+
+1. ``backed_up``  copy the installed script to the backup path;
+2. ``stopped``    stop the running client and check that it stopped;
+3. ``swapped``    rename the staged script over the installed one (atomic);
+4. ``started``    start the new client;
+5. then watch until one of:
+   - ``run_dir/commit`` appears -> ``committed``, exit: the new script stays;
+   - ``run_dir/revert`` appears, the new client's process dies, or the
+     deadline passes (``deadline`` from start; once ``run_dir/firstlife``
+     appears it tightens to ``soak_deadline`` from then) -> revert:
+     stop the new client, restore the backup, start the old client, wait
+     for it to run (and to be online, through the provider API), call
+     ``set_allow_clientless(false)`` itself, write ``reverted``.
+
+So a deployer that vanishes at any moment leaves neither an open window nor
+a host without a client. The guard deletes its own file (it holds API
+credentials) as soon as it has read it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+CONFIG = {}  # replaced per run by deployer.plan.render_guard
+
+POLL = 0.1  # seconds between looks at the control files and the client
+STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
+REVERT_ONLINE_WAIT = 30.0  # seconds to wait for the restored client to be online
+CLOSE_WINDOW_FOR = 90.0  # seconds to keep retrying set_allow_clientless(false)
+
+
+class Guard:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.run_dir = cfg["run_dir"]
+        self.status_path = os.path.join(self.run_dir, "status")
+        self.service = make_service(cfg["service"])
+        self.terminated = False
+
+    # -- status and control files ------------------------------------------
+
+    def status(self, state, **data):
+        data.update(state=state, t=round(time.time(), 3), pid=os.getpid())
+        line = json.dumps(data, sort_keys=True) + "\n"
+        with open(self.status_path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def control(self, name):
+        return os.path.exists(os.path.join(self.run_dir, name))
+
+    # -- the swap -------------------------------------------------------------
+
+    def run(self):
+        cfg = self.cfg
+        started = time.time()
+        self.status("running", deadline=cfg["deadline"])
+        backup = self.backup()
+        if self.service.running():
+            self.service.stop()
+            if self.service.running():
+                self.status("aborted", reason="the old client did not stop", changed=False)
+                return 1
+        self.status("stopped")
+        try:
+            os.replace(cfg["staged_path"], cfg["script_path"])
+        except OSError as exc:
+            self.service.start()
+            self.status("aborted", reason="rename failed: %s" % exc, changed=True)
+            self.close_window()
+            return 1
+        self.status("swapped")
+        try:
+            return self.watch(started, backup)
+        except Exception as exc:  # noqa: BLE001 - any surprise before commit: undo
+            return self.revert("guard error: %s: %s" % (type(exc).__name__, exc), backup)
+
+    def backup(self):
+        script, backup = self.cfg["script_path"], self.cfg["backup_path"]
+        if not os.path.exists(script):
+            self.status("backed_up", backup=None)
+            return None
+        os.makedirs(os.path.dirname(backup), exist_ok=True)
+        tmp = backup + ".tmp"
+        shutil.copy2(script, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, backup)
+        self.status("backed_up", backup=backup)
+        return backup
+
+    def watch(self, started, backup):
+        cfg = self.cfg
+        pid = self.service.start()
+        self.status("started", client_pid=pid)
+        deadline = started + cfg["deadline"]
+        tightened = False
+        while True:
+            if self.control("commit"):
+                self.status("committed")
+                return 0
+            now = time.time()
+            if not tightened and self.control("firstlife"):
+                tightened = True
+                deadline = min(deadline, now + cfg["soak_deadline"])
+                self.status("first_life", deadline_in=round(deadline - now, 3))
+            reason = None
+            if self.control("revert"):
+                reason = "deployer asked for a revert"
+            elif self.terminated:
+                reason = "the guard was terminated"
+            elif now > deadline:
+                reason = "deadline passed without a commit"
+            elif not self.service.running():
+                reason = "the new client's process exited"
+            if reason:
+                return self.revert(reason, backup)
+            time.sleep(POLL)
+
+    # -- the undo -------------------------------------------------------------
+
+    def revert(self, reason, backup):
+        cfg = self.cfg
+        self.status("reverting", reason=reason)
+        self.service.stop()
+        if backup:
+            tmp = cfg["script_path"] + ".deployer-restore"
+            shutil.copy2(backup, tmp)
+            fsync_file(tmp)
+            os.replace(tmp, cfg["script_path"])
+        pid = self.service.start()
+        self.status("restored", client_pid=pid, backup=backup)
+        running = self.wait_restored()
+        closed = self.close_window()
+        self.status("reverted", ok=running, window_closed=closed)
+        return 2
+
+    def wait_restored(self):
+        end = time.time() + REVERT_ONLINE_WAIT
+        while time.time() < end:
+            if self.service.running() and api_online(self.cfg.get("api")):
+                return True
+            time.sleep(0.2)
+        return self.service.running()
+
+    def close_window(self):
+        api = self.cfg.get("api")
+        if not api:
+            return False
+        end, delay = time.time() + CLOSE_WINDOW_FOR, 0.2
+        while True:
+            reply = api_call(api, "set_allow_clientless", allow="false")
+            if reply and reply.get("success") and reply.get("allow_clientless") is False:
+                return True
+            if time.time() > end:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+# -- the provider API, from the host ------------------------------------------
+
+
+def api_call(api, call, **extra):
+    params = dict(api["params"])
+    params.update(extra)
+    url = api["url"].replace("{call}", call) + "?" + urllib.parse.urlencode(params)
+    try:
+        with urllib.request.urlopen(url, timeout=api.get("timeout", 10)) as resp:  # noqa: S310
+            return json.loads(resp.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - any failure is "no answer"; the caller retries
+        return None
+
+
+def api_online(api):
+    if not api:
+        return True
+    reply = api_call(api, "client_status")
+    return bool(reply and reply.get("success") and reply.get("message") == "online")
+
+
+# -- service kinds ----------------------------------------------------------------
+
+
+def make_service(svc):
+    kind = svc["kind"]
+    if kind == "pidfile":
+        return PidfileService(svc)
+    if kind == "systemd":
+        return CommandService(
+            start="systemctl start " + svc["unit_q"],
+            stop="systemctl stop " + svc["unit_q"],
+            check="systemctl is-active --quiet " + svc["unit_q"],
+        )
+    return CommandService(start=svc["start"], stop=svc["stop"], check=svc["check"])
+
+
+def shell(command, timeout=60):
+    try:
+        return subprocess.run(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+        ).returncode
+    except subprocess.TimeoutExpired:
+        return 124
+
+
+class CommandService:
+    def __init__(self, start, stop, check):
+        self.start_cmd, self.stop_cmd, self.check_cmd = start, stop, check
+        self.last_check = 0.0
+        self.last_result = True
+
+    def running(self):
+        # a check command may be costly: ask at most twice a second
+        now = time.time()
+        if now - self.last_check >= 0.5:
+            self.last_result = shell(self.check_cmd, timeout=20) == 0
+            self.last_check = now
+        return self.last_result
+
+    def start(self):
+        shell(self.start_cmd)
+        self.last_check = 0.0
+        return None
+
+    def stop(self):
+        shell(self.stop_cmd)
+        end = time.time() + STOP_WAIT
+        self.last_check = 0.0
+        while self.running() and time.time() < end:
+            time.sleep(0.2)
+            self.last_check = 0.0
+
+
+class PidfileService:
+    """Start ``run`` in its own session and keep its pid in ``pidfile``."""
+
+    def __init__(self, svc):
+        self.pidfile, self.run_cmd, self.log = svc["pidfile"], svc["run"], svc["log"]
+        self.child = None
+
+    def pid(self):
+        try:
+            with open(self.pidfile) as fh:
+                return int(fh.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def running(self):
+        pid = self.pid()
+        if pid is None:
+            return False
+        if self.child is not None and self.child.pid == pid:
+            return self.child.poll() is None
+        return pid_alive(pid)
+
+    def start(self):
+        os.makedirs(os.path.dirname(self.log) or ".", exist_ok=True)
+        with open(self.log, "ab") as log, open(os.devnull, "rb") as devnull:
+            self.child = subprocess.Popen(
+                ["/bin/sh", "-c", "exec " + self.run_cmd],
+                stdin=devnull,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=os.path.dirname(self.pidfile) or "/",
+            )
+        tmp = self.pidfile + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write("%d\n" % self.child.pid)
+        os.replace(tmp, self.pidfile)
+        return self.child.pid
+
+    def stop(self):
+        pid = self.pid()
+        if pid is None or not self.running():
+            return
+        for sig, wait in ((signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, 3.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            end = time.time() + wait
+            while time.time() < end:
+                if not self.running():
+                    return
+                time.sleep(0.05)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- start-up ---------------------------------------------------------------------------
+
+
+def detach(log_path):
+    """Fork into a new session; the parent prints the guard's pid and exits."""
+    pid = os.fork()
+    if pid:
+        sys.stdout.write("%d\n" % pid)
+        sys.stdout.flush()
+        os._exit(0)
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
+def main(argv):
+    cfg = CONFIG
+    if "--detach" in argv:
+        detach(os.path.join(cfg["run_dir"], "guard.log"))
+    try:
+        os.unlink(os.path.abspath(__file__))  # it holds credentials: gone once read
+    except OSError:
+        pass
+    guard = Guard(cfg)
+
+    def on_term(signum, frame):
+        guard.terminated = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        return guard.run()
+    except Exception as exc:  # noqa: BLE001 - last line of defence: report and undo
+        guard.status("error", reason="%s: %s" % (type(exc).__name__, exc))
+        if os.path.exists(cfg["script_path"]) and guard.service.running():
+            return 3
+        guard.service.start()
+        guard.close_window()
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,152 @@
+"""Stage 1, plan: everything local that can fail, before any network call.
+
+For each host: render the script and hash it, render the service, validate
+and health commands, work out the remote paths, and build the guard's
+per-run configuration. Any error here is a LocalInputError (exit 2) and
+nothing has been touched.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from deployer.hostfiles import HostPaths
+from deployer.model import HostConfig, Inventory
+
+SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life
+GUARD_EXTRA = 60.0  # default guard deadline = online_timeout + stable_for + this
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: HostConfig
+    paths: HostPaths
+    script: bytes | None = field(repr=False)  # None for a rollback: taken from the backup
+    sha256: str | None
+    service: dict[str, Any] = field(repr=False)
+    validate: str
+    health: str
+    online_timeout: float
+    stable_for: float
+    guard_deadline: float
+    template: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+
+def effective_timings(
+    host: HostConfig, online_timeout: float | None, stable_for: float | None
+) -> tuple[float, float, float]:
+    online = online_timeout if online_timeout is not None else host.online_timeout
+    stable = stable_for if stable_for is not None else host.stable_for
+    deadline = host.guard_deadline or online + stable + GUARD_EXTRA
+    return online, stable, max(deadline, online + stable + 5.0)
+
+
+def plan_host(
+    inventory: Inventory,
+    host: HostConfig,
+    run_id: str,
+    *,
+    render: bool = True,
+    template=None,
+    online_timeout: float | None = None,
+    stable_for: float | None = None,
+) -> HostPlan:
+    from deployer.render import host_context, render_command, render_script
+
+    paths = HostPaths(host.script_path, run_id)
+    script = sha = None
+    tmpl = ""
+    if render:
+        rendered = render_script(inventory, host, template)
+        script, sha, tmpl = rendered.text.encode("utf-8"), rendered.sha256, str(rendered.template)
+    context = host_context(inventory, host)
+    online, stable, deadline = effective_timings(host, online_timeout, stable_for)
+    validate = health = ""
+    if host.validate:
+        validate = render_command(
+            host.validate, {**context, "path": paths.staged}, f"host {host.name}: validate"
+        )
+    if host.health:
+        health = render_command(host.health, context, f"host {host.name}: health")
+    return HostPlan(
+        host=host,
+        paths=paths,
+        script=script,
+        sha256=sha,
+        service=_service(host, context, paths),
+        validate=validate,
+        health=health,
+        online_timeout=online,
+        stable_for=stable,
+        guard_deadline=deadline,
+        template=tmpl,
+    )
+
+
+def _service(host: HostConfig, context: dict[str, Any], paths: HostPaths) -> dict[str, Any]:
+    from deployer.remote import sh
+    from deployer.render import render_command
+
+    svc = host.service
+    what = f"host {host.name}: service"
+    if svc.kind == "systemd":
+        return {"kind": "systemd", "unit_q": sh(svc.unit)}
+    if svc.kind == "pidfile":
+        return {
+            "kind": "pidfile",
+            "pidfile": render_command(svc.pidfile, context, what + ".pidfile"),
+            "run": render_command(svc.run, context, what + ".run"),
+            "log": posixpath.join(paths.base, "client.log"),
+        }
+    return {
+        "kind": "command",
+        "start": render_command(svc.start, context, what + ".start"),
+        "stop": render_command(svc.stop, context, what + ".stop"),
+        "check": render_command(svc.check, context, what + ".check"),
+    }
+
+
+def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict[str, Any]:
+    """The guard's CONFIG for this run. Holds API credentials: never log it."""
+    host = inventory.provider
+    return {
+        "run_dir": plan.paths.run_dir,
+        "script_path": plan.paths.script_path,
+        "staged_path": plan.paths.staged,
+        "backup_path": backup_path,
+        "service": plan.service,
+        "deadline": plan.guard_deadline,
+        "soak_deadline": plan.stable_for + SOAK_MARGIN,
+        "api": {
+            "url": host.api_url,
+            "timeout": host.timeout,
+            "params": {
+                "user_id": host.user_id.reveal(),
+                "dbid": plan.host.dbid.reveal(),
+                "host_uuid": plan.host.host_uuid.reveal(),
+                "ports_id": str(plan.host.ports_id),
+            },
+        },
+    }
+
+
+def guard_source() -> str:
+    return resources.files("deployer").joinpath("guard.py").read_text(encoding="utf-8")
+
+
+def render_guard(config: dict[str, Any]) -> bytes:
+    """The guard program with ``config`` injected as a Python string literal."""
+    source = guard_source()
+    marker = "CONFIG = {}  # replaced per run by deployer.plan.render_guard"
+    if marker not in source:
+        raise RuntimeError("guard.py lost its CONFIG marker")
+    literal = repr(json.dumps(config, sort_keys=True))
+    return source.replace(marker, f"CONFIG = json.loads({literal})", 1).encode("utf-8")

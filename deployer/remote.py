@@ -1,0 +1,296 @@
+"""The remote host behind a small interface.
+
+The workflow talks to a :class:`Remote`: run a shell command, write a file,
+close. :class:`SshRemote` implements it on fabric (paramiko) through the
+tunnel endpoint ``ssh_host:ssh_port``, with the host key policy of the
+inventory: ``strict`` refuses unknown keys, ``accept-new`` records them, and
+a changed key is always refused. Fabric's own defaults (paramiko's
+AutoAddPolicy, no known_hosts loaded, ~/.ssh/config read, local stdin
+forwarded) are all overridden here.
+
+Every command handed to :meth:`Remote.run` is one shell string whose words
+the caller has quoted with :func:`shlex.quote`; :func:`sh` builds one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from deployer.errors import HostKeyError, RemoteCommandError, SshConnectError
+from deployer.model import HostConfig, ProviderConfig
+
+log = logging.getLogger("deployer.remote")
+
+CONNECT_TIMEOUT = 15.0  # seconds for TCP + SSH handshake + auth
+DEFAULT_COMMAND_TIMEOUT = 60.0
+OUTPUT_TAIL = 400  # characters of output kept in errors
+
+
+def sh(*words: object) -> str:
+    """One shell command line from words, each quoted."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def tail(text: str, limit: int = OUTPUT_TAIL) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class Remote(Protocol):
+    """What the workflow needs from a host."""
+
+    name: str
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        check: bool = True,
+        sudo: bool | None = None,
+    ) -> CommandResult: ...
+
+    def write_file(self, path: str, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def fingerprint(key) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _host_key_policy(policy: str, known_hosts: Path):
+    """A paramiko MissingHostKeyPolicy for ``strict`` or ``accept-new``."""
+    import paramiko
+
+    class _Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            if policy == "strict":
+                raise HostKeyError(
+                    f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}); "
+                    f'add it to {known_hosts} or set host_key_policy = "accept-new"'
+                )
+            known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with open(known_hosts, "a", encoding="utf-8") as fh:
+                fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            log.info("recorded new host key for %s (%s)", hostname, fingerprint(key))
+
+    return _Policy()
+
+
+class SshRemote:
+    """A fabric connection to one host through its tunnel endpoint."""
+
+    def __init__(
+        self,
+        provider: ProviderConfig,
+        host: HostConfig,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ):
+        self.name = host.name
+        self.host = host
+        self.endpoint = (provider.ssh_host, host.ssh_port)
+        self.connect_timeout = connect_timeout
+        self._conn = None
+        self._sftp = None
+
+    # -- connection ---------------------------------------------------------
+
+    def open(self) -> SshRemote:
+        from fabric import Config, Connection
+
+        host = self.host
+        known_hosts = Path(host.known_hosts).expanduser()
+        config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+        conn = Connection(
+            host=self.endpoint[0],
+            port=self.endpoint[1],
+            user=host.ssh_user,
+            config=config,
+            connect_timeout=int(self.connect_timeout),
+            forward_agent=False,
+            connect_kwargs={
+                "key_filename": [str(Path(host.ssh_key).expanduser())],
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": self.connect_timeout,
+                "auth_timeout": self.connect_timeout,
+            },
+        )
+        conn.client.set_missing_host_key_policy(_host_key_policy(host.host_key_policy, known_hosts))
+        if known_hosts.exists():
+            conn.client.get_host_keys().load(str(known_hosts))
+        try:
+            conn.open()
+        except HostKeyError as exc:
+            exc.host = self.name
+            conn.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to our error types below
+            conn.close()
+            raise self._connect_error(exc, known_hosts) from None
+        conn.transport.set_keepalive(5)
+        self._conn = conn
+        return self
+
+    def _connect_error(self, exc: Exception, known_hosts: Path):
+        import paramiko
+
+        where = f"{self.endpoint[0]}:{self.endpoint[1]}"
+        if isinstance(exc, paramiko.BadHostKeyException):
+            name = _known_hosts_name(*self.endpoint)
+            return HostKeyError(
+                f"host key for {name} CHANGED: server offers {exc.key.get_name()} "
+                f"{fingerprint(exc.key)}, {known_hosts} has {fingerprint(exc.expected_key)} "
+                f"(line for '{name}'); if the host was really reinstalled, remove that line "
+                f"(ssh-keygen -R '{name}' -f {known_hosts}) and run again",
+                host=self.name,
+                step="ssh",
+            )
+        if isinstance(exc, paramiko.AuthenticationException):
+            return SshConnectError(
+                f"SSH authentication failed for {self.host.ssh_user}@{where} with key "
+                f"{self.host.ssh_key}: check ssh_user and ssh_key",
+                host=self.name,
+                step="ssh",
+            )
+        if isinstance(exc, FileNotFoundError | PermissionError):
+            return SshConnectError(
+                f"cannot read SSH key {self.host.ssh_key}: {exc.strerror}",
+                host=self.name,
+                step="ssh",
+            )
+        if isinstance(exc, socket.timeout | TimeoutError):
+            return SshConnectError(
+                f"SSH to {where} timed out after {self.connect_timeout:g}s",
+                host=self.name,
+                step="ssh",
+            )
+        return SshConnectError(
+            f"SSH to {where} failed: {type(exc).__name__}: {exc}", host=self.name, step="ssh"
+        )
+
+    @property
+    def connected(self) -> bool:
+        transport = self._conn.transport if self._conn else None
+        return bool(transport and transport.is_active())
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except Exception:  # noqa: BLE001 - closing a dead session
+                pass
+            self._sftp = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- commands -------------------------------------------------------------
+
+    def _wrap(self, command: str, sudo: bool | None) -> str:
+        if sudo if sudo is not None else self.host.sudo:
+            return sh("sudo", "-n", "sh", "-c", command)
+        return command
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        check: bool = True,
+        sudo: bool | None = None,
+    ) -> CommandResult:
+        if self._conn is None:
+            raise SshConnectError("SSH session is not open", host=self.name)
+        full = self._wrap(command, sudo)
+        log.debug("%s: run %s", self.name, full)
+        try:
+            res = self._conn.run(full, hide=True, warn=True, timeout=timeout, in_stream=False)
+        except Exception as exc:  # noqa: BLE001 - fabric/invoke/paramiko/socket errors
+            raise self._run_error(exc, full, timeout) from None
+        result = CommandResult(full, res.exited, res.stdout, res.stderr)
+        if check and not result.ok:
+            raise RemoteCommandError(
+                f"remote command failed (exit {result.exit_status}): {tail(full, 200)}: "
+                f"{tail(result.stderr or result.stdout)}",
+                host=self.name,
+                command=full,
+                exit_status=result.exit_status,
+                output_tail=tail(result.stderr or result.stdout),
+            )
+        return result
+
+    def _run_error(self, exc: Exception, command: str, timeout: float | None):
+        from invoke.exceptions import CommandTimedOut
+
+        if isinstance(exc, CommandTimedOut):
+            return RemoteCommandError(
+                f"remote command timed out after {timeout:g}s: {tail(command, 200)}",
+                host=self.name,
+                command=command,
+            )
+        return SshConnectError(f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` (a fresh temp path; the caller renames it)."""
+        if self._conn is None:
+            raise SshConnectError("SSH session is not open", host=self.name)
+        try:
+            if self._sftp is None:
+                self._sftp = self._conn.sftp()
+            with self._sftp.open(path, "wb") as fh:
+                fh.set_pipelined(True)
+                fh.write(data)
+        except OSError as exc:
+            raise RemoteCommandError(
+                f"upload to {path} failed: {exc}", host=self.name, command=f"sftp put {path}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - paramiko SSHException, EOFError, socket
+            raise SshConnectError(
+                f"SSH session lost during upload to {path}: {type(exc).__name__}", host=self.name
+            ) from None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def same_file_mode(mode: str) -> int:
+    return int(mode, 8)
+
+
+def local_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in odd containers
+        return str(os.getuid())

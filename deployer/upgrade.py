@@ -1,0 +1,153 @@
+"""``deployer upgrade`` / ``deployer rollback`` as an engine call (no click here).
+
+:func:`run_upgrade` does the whole run: plan every host (local errors exit 2
+before any network call), then the rollout of :class:`~deployer.workflow.HostRun`
+over the fleet with one API session, one rate limiter and one journal.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deployer.events import EventSink, Fanout
+from deployer.model import HostConfig, Inventory
+from deployer.plan import HostPlan, plan_host
+from deployer.result import RunResult
+from deployer.rollout import HostControl, Rollout, RolloutPolicy, interrupt_on_signals
+from deployer.workflow import HostRun, RunContext, UpgradeOptions
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    inventory: Inventory
+    hosts: Sequence[HostConfig]
+    state_dir: Path
+    options: UpgradeOptions = field(default_factory=UpgradeOptions)
+    policy: RolloutPolicy = field(default_factory=RolloutPolicy)
+    template: Path | None = None
+    online_timeout: float | None = None
+    stable_for: float | None = None
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def owner_label() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def plan_all(request: UpgradeRequest, run_id: str) -> list[HostPlan]:
+    """Stage 1 for every host; raises LocalInputError before any network call."""
+    render = request.options.command != "rollback"
+    return [
+        plan_host(
+            request.inventory,
+            host,
+            run_id,
+            render=render,
+            template=request.template,
+            online_timeout=request.online_timeout,
+            stable_for=request.stable_for,
+        )
+        for host in request.hosts
+    ]
+
+
+def ssh_factory(inventory: Inventory):
+    from deployer.remote import SshRemote
+
+    def open_remote(host: HostConfig):
+        return SshRemote(inventory.provider, host).open()
+
+    return open_remote
+
+
+def run_upgrade(
+    request: UpgradeRequest, progress: EventSink | None = None, *, remote_factory=None, api=None
+) -> RunResult:
+    from deployer.api import ProviderAPI
+    from deployer.journal import Journal, JournalSink
+    from deployer.ratelimit import RateLimiter
+
+    run_id = new_run_id()
+    plans = {p.name: p for p in plan_all(request, run_id)}
+    request.policy.validate(len(plans))
+    inventory = request.inventory
+    journal = (
+        None
+        if request.options.dry_run
+        else Journal(request.state_dir, secrets=inventory.secret_values())
+    )
+    events = Fanout(progress or EventSink(), JournalSink(journal, run_id) if journal else None)
+    own_api = api is None
+    if own_api:
+        limiter = RateLimiter(inventory.provider.rate_limit)
+        api = ProviderAPI(
+            inventory.provider,
+            limiter=limiter,
+            events=events,
+            pool_size=max(4, request.policy.parallel * 2),
+        )
+    ctx = RunContext(
+        run_id=run_id,
+        inventory=inventory,
+        api=api,
+        remote_factory=remote_factory or ssh_factory(inventory),
+        options=request.options,
+        events=events,
+        journal=journal,
+        owner=owner_label(),
+    )
+    run = RunResult(run_id=run_id, started=time.time())
+    if journal:
+        journal.start_run(
+            run_id,
+            request.options.command,
+            str(inventory.path),
+            list(plans),
+            _journal_options(request),
+        )
+    events.run_started(run_id, list(plans))
+
+    def run_host(host: HostConfig, control: HostControl):
+        return HostRun(ctx, plans[host.name], control.abort).execute()
+
+    rollout = Rollout(request.hosts, run_host, request.policy, events)
+    try:
+        with interrupt_on_signals(rollout):
+            run.hosts = rollout.run()
+    finally:
+        run.finished = time.time()
+        run.interrupted = rollout.interrupted
+        events.run_finished(run_id)
+        if journal:
+            journal.finish_run(run_id, ok=run.ok, interrupted=run.interrupted)
+            journal.close()
+        if own_api:
+            api.close()
+    return run
+
+
+def _journal_options(request: UpgradeRequest) -> dict:
+    p = request.policy
+    return {
+        "force": request.options.force,
+        "parallel": p.parallel,
+        "batch": p.batch,
+        "canary": p.canary,
+        "max_failures": p.max_failures,
+        "online_timeout": request.online_timeout,
+        "stable_for": request.stable_for,
+    }

@@ -1,0 +1,551 @@
+"""The staged upgrade of one host (SPEC 4), as named steps.
+
+:class:`HostRun` walks the stages in order. Each stage is a method named
+after it; what must be undone is kept as plain facts on the run (tunnel
+opened, lock held, window maybe open, swap started, committed) and written
+to the journal *before* the action, so both :meth:`HostRun._unwind` here and
+``deployer recover`` after a crash know what is dangling.
+
+Unwinding, in one place:
+
+* before the swap: close the window if it may be open, remove the staged
+  files -> ``failed`` (nothing changed);
+* after the swap started, before commit: the guard reverts (deployer asks
+  it, or it decides itself), deployer waits for the old client online, closes
+  the window and checks the old script is back -> ``rolled_back``;
+* whatever cannot be verified -> ``unsafe`` (the lock stays, for recover).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployer.clock import Clock
+from deployer.errors import (
+    ApiError,
+    ClientOffline,
+    DeployerError,
+    GuardError,
+    Interrupted,
+    RemoteError,
+    SshConnectError,
+    VerifyError,
+)
+from deployer.events import EventSink
+from deployer.hostfiles import (
+    list_backups,
+    prune_backups,
+    read_file,
+    read_guard_status,
+    release_lock,
+    remote_sha256,
+    take_lock,
+)
+from deployer.model import HostConfig, Inventory
+from deployer.plan import HostPlan, guard_config, render_guard
+from deployer.remote import Remote, sh, sha256_hex
+from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
+from deployer.retry import HARD_RETRY
+from deployer.secrets import scrub
+
+log = logging.getLogger("deployer.workflow")
+
+GUARD_POLL = 0.05  # seconds between looks at the guard's status while it swaps
+STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap
+SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
+COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
+REVERT_WAIT = 90.0  # seconds for the guard to finish a revert
+REATTACH_EVERY = 2.0  # seconds between attempts to reach a host again
+REATTACH_MARGIN = 60.0  # past the guard's deadline, give up reaching the host
+
+FINAL_GUARD_STATES = {"committed", "reverted", "aborted"}
+REVERTING_STATES = {"reverting", "restored", "reverted", "aborted", "error"}
+
+
+@dataclass(frozen=True)
+class UpgradeOptions:
+    command: str = "upgrade"  # upgrade | rollback
+    force: bool = False
+    dry_run: bool = False
+    break_lock: bool = False
+
+
+@dataclass
+class RunContext:
+    """What every host of a run shares. Passed down explicitly; no globals."""
+
+    run_id: str
+    inventory: Inventory
+    api: Any  # deployer.api.ProviderAPI (or a fake with the same methods)
+    remote_factory: Callable[[HostConfig], Remote]
+    options: UpgradeOptions = field(default_factory=UpgradeOptions)
+    events: EventSink = field(default_factory=EventSink)
+    journal: Any = None  # deployer.journal.Journal | None
+    clock: Clock = field(default_factory=Clock)
+    owner: str = "deployer"
+
+
+class HostRun:
+    """One host through the stages; :meth:`execute` never raises."""
+
+    def __init__(self, ctx: RunContext, plan: HostPlan, abort: threading.Event | None = None):
+        self.ctx, self.plan, self.host = ctx, plan, plan.host
+        self.api, self.clock, self.paths = ctx.api, ctx.clock, plan.paths
+        self.abort = abort or threading.Event()
+        self.steps: list[StepRecord] = []
+        self.step_name: str | None = None
+        self.remote: Remote | None = None
+        self.script, self.new_sha = plan.script, plan.sha256
+        self.old_sha: str | None = None
+        self.diff: str | None = None
+        self.tunnel_opened = self.locked = self.swap_started = self.committed = False
+        self.window_open_since: float | None = None
+        self.exposure = 0.0
+        self.swap_at = 0.0
+        self.guard_pid: int | None = None
+
+    # -- the run ------------------------------------------------------------------
+
+    def execute(self) -> HostResult:
+        started = self.clock.now()
+        self.ctx.events.host_started(self.host.name)
+        error = None
+        try:
+            outcome = self._forward()
+        except BaseException as exc:  # noqa: BLE001 - Ctrl-C too: unwind, then report
+            error = ErrorInfo.from_exception(exc, self.step_name)
+            error.message = scrub(error.message, self.ctx.inventory.secret_values())
+            if not isinstance(exc, DeployerError):
+                log.debug("%s: unexpected error", self.host.name, exc_info=True)
+            outcome = self._unwind()
+        outcome = self._cleanup(outcome)
+        result = HostResult(
+            host=self.host.name,
+            result=outcome,
+            old_sha256=self.old_sha,
+            new_sha256=self.new_sha,
+            exposure_seconds=self.exposure,
+            api_calls=self.api.calls_for(self.host.name),
+            duration_seconds=self.clock.now() - started,
+            steps=self.steps,
+            error=None if outcome in (Outcome.UPGRADED, Outcome.UNCHANGED) else error,
+            diff=self.diff,
+        )
+        self.ctx.events.host_finished(result)
+        return result
+
+    def _forward(self) -> Outcome:
+        dry = self.ctx.options.dry_run
+        self._step("preflight", self._preflight)
+        self._step("tunnel", self._open_tunnel)
+        self._step("ssh", self._open_ssh)
+        if not dry:
+            self._step("lock", self._lock)
+        if not self._step("inspect", self._inspect):
+            return Outcome.UNCHANGED
+        if dry:
+            return Outcome.PLANNED
+        self._step("stage", self._stage)
+        self._step("open_window", self._open_window)
+        self._step("swap", self._swap)
+        self._step("first_life", self._first_life)
+        self._step("close_window", self._close_window)
+        self._step("soak", self._soak)
+        self._step("commit", self._commit)
+        return Outcome.UPGRADED
+
+    def _step(self, name: str, action: Callable[[], Any]) -> Any:
+        if self.abort.is_set():
+            raise Interrupted("interrupted: rolling back", host=self.host.name, step=name)
+        self.step_name = name
+        self.ctx.events.step_started(self.host.name, name)
+        t0 = self.clock.now()
+        try:
+            value = action()
+        except BaseException:
+            self._record(name, "failed", t0)
+            raise
+        self._record(name, "ok", t0)
+        return value
+
+    def _record(self, name: str, status: str, t0: float) -> None:
+        seconds = self.clock.now() - t0
+        self.steps.append(StepRecord(name, status, seconds))
+        self.ctx.events.step_finished(self.host.name, name, status, seconds)
+
+    def _note(self, **facts: Any) -> None:
+        """Journal what a later recover must know, before the action it describes."""
+        if self.ctx.journal is not None:
+            self.ctx.journal.update_host(self.ctx.run_id, self.host.name, **facts)
+
+    def _check_abort(self) -> None:
+        if self.abort.is_set():
+            raise Interrupted("interrupted: rolling back", host=self.host.name, step=self.step_name)
+
+    # -- forward stages ---------------------------------------------------------------
+
+    def _preflight(self) -> None:
+        if not self.api.client_status(self.host):
+            raise ClientOffline(
+                f"client is offline: no tunnel can reach {self.host.name}; "
+                "bring its client online first",
+                host=self.host.name,
+                step="preflight",
+            )
+
+    def _open_tunnel(self) -> None:
+        self._note(
+            tunnel_opened=True,
+            script_path=self.paths.script_path,
+            run_dir=self.paths.run_dir,
+            lock_path=self.paths.lock,
+        )
+        self.tunnel_opened = True
+        self.api.connect(self.host)
+
+    def _open_ssh(self) -> None:
+        self.remote = self.ctx.remote_factory(self.host)
+
+    def _lock(self) -> None:
+        self._note(lock_maybe_held=True)
+        take_lock(
+            self.remote,
+            self.paths,
+            self.ctx.owner,
+            self.clock.wall(),
+            break_lock=self.ctx.options.break_lock,
+        )
+        self.locked = True
+
+    def _inspect(self) -> bool:
+        """True if there is something to install."""
+        self.old_sha = remote_sha256(self.remote, self.paths.script_path)
+        if self.ctx.options.command == "rollback":
+            self._pick_backup()
+        self._note(old_sha256=self.old_sha, new_sha256=self.new_sha)
+        if self.ctx.options.dry_run:
+            self.diff = self._diff()
+            return self.old_sha != self.new_sha or self.ctx.options.force
+        return self.old_sha != self.new_sha or self.ctx.options.force
+
+    def _pick_backup(self) -> None:
+        """rollback: the newest backup that differs from the installed script."""
+        for path in reversed(list_backups(self.remote, self.paths)):
+            data = read_file(self.remote, path)
+            if sha256_hex(data) != self.old_sha:
+                self.script, self.new_sha = data, sha256_hex(data)
+                return
+        raise VerifyError(
+            f"no backup of {self.paths.script_path} differs from the installed "
+            "script: nothing to roll back to",
+            host=self.host.name,
+            step="inspect",
+        )
+
+    def _diff(self) -> str:
+        old = "" if self.old_sha is None else read_file(self.remote, self.paths.script_path)
+        old_text = old.decode("utf-8", "replace") if old else ""
+        new_text = (self.script or b"").decode("utf-8", "replace")
+        lines = difflib.unified_diff(
+            old_text.splitlines(keepends=True),
+            new_text.splitlines(keepends=True),
+            fromfile=f"{self.host.name}:{self.paths.script_path} (installed)",
+            tofile=f"{self.host.name}:{self.paths.script_path} (new)",
+        )
+        return scrub("".join(lines), self.ctx.inventory.secret_values())
+
+    def _stage(self) -> None:
+        r, p = self.remote, self.paths
+        backup = p.backup_for(self.old_sha, self.clock.wall())
+        guard = render_guard(guard_config(self.plan, self.ctx.inventory, backup))
+        self._note(staged=True, backup_path=backup)
+        r.run(f"umask 077 && mkdir -p {sh(p.backups)} {sh(p.run_dir)}")
+        r.write_file(p.staged, self.script)
+        r.write_file(p.guard, guard)
+        mode = self.host.mode
+        r.run(f"chmod {sh(mode)} {sh(p.staged)} && chmod 0700 {sh(p.guard)}")
+        sums = r.run(sh("sha256sum", p.staged, p.guard)).stdout.split()
+        if sums[:1] != [self.new_sha] or sums[2:3] != [sha256_hex(guard)]:
+            raise VerifyError(
+                f"staged files on {self.host.name} do not match what was sent "
+                "(sha256 differs); the upload was damaged",
+                host=self.host.name,
+            )
+        if self.plan.validate:
+            res = r.run(self.plan.validate, check=False)
+            if not res.ok:
+                raise VerifyError(
+                    f"validate command failed (exit {res.exit_status}) on the staged script: "
+                    f"{(res.stderr or res.stdout).strip()[-300:]}",
+                    host=self.host.name,
+                )
+
+    def _open_window(self) -> None:
+        self._note(window_maybe_open=True)
+        self.window_open_since = self.clock.now()
+        self.api.set_allow_clientless(self.host, True)
+
+    def _swap(self) -> None:
+        self._note(swap_started=True)
+        self.swap_started = True
+        self.swap_at = self.clock.now()
+        res = self.remote.run(
+            f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
+        )
+        try:
+            self.guard_pid = int(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise GuardError(
+                f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host.name
+            ) from None
+
+    def _first_life(self) -> None:
+        deadline = self.clock.now() + self.plan.online_timeout
+        first, factor, cap = STATUS_BACKOFF
+        delay = first
+        while True:
+            self._check_abort()
+            if self._guard_state() in ("started", "first_life"):
+                if self.api.client_status(self.host):
+                    return
+                self._wait(deadline, delay, "online")
+                delay = min(delay * factor, cap)
+            else:
+                self._wait(deadline, GUARD_POLL, "started by the guard")
+
+    def _wait(self, deadline: float, delay: float, what: str) -> None:
+        if self.clock.now() + delay > deadline:
+            raise ClientOffline(
+                f"new client not {what} within online_timeout ({self.plan.online_timeout:g}s)",
+                host=self.host.name,
+                step=self.step_name,
+            )
+        self.clock.sleep(delay, self.abort)
+
+    def _close_window(self) -> None:
+        self._shut_window()
+        self.remote.run(sh("touch", self.paths.control("firstlife")))
+
+    def _shut_window(self) -> None:
+        self.api.set_allow_clientless(self.host, False, retry=HARD_RETRY)
+        if self.window_open_since is not None:
+            self.exposure += self.clock.now() - self.window_open_since
+        self.window_open_since = None
+        self._note(window_maybe_open=False)
+
+    def _soak(self) -> None:
+        end = self.clock.now() + self.plan.stable_for
+        while (left := end - self.clock.now()) > 0:
+            self._check_abort()
+            if self._guard_state() != "first_life" and self._guard_state() != "started":
+                raise GuardError("the guard stopped watching", host=self.host.name)
+            self.clock.sleep(min(SOAK_POLL, left), self.abort)
+        self._check_abort()
+        if self.plan.health:
+            res = self.remote.run(self.plan.health, check=False)
+            if not res.ok:
+                raise VerifyError(
+                    f"health command failed (exit {res.exit_status}): "
+                    f"{(res.stderr or res.stdout).strip()[-300:]}",
+                    host=self.host.name,
+                    step="soak",
+                )
+        self._guard_state()
+        if not self.api.client_status(self.host):
+            raise ClientOffline(
+                f"new client went offline during the soak ({self.plan.stable_for:g}s)",
+                host=self.host.name,
+                step="soak",
+            )
+
+    def _commit(self) -> None:
+        self._note(commit_requested=True)
+        self.remote.run(sh("touch", self.paths.control("commit")))
+        end = self.clock.now() + COMMIT_WAIT
+        while self.clock.now() < end:
+            state = self._guard_last().get("state")
+            if state == "committed":
+                self.committed = True
+                self._note(committed=True)
+                return
+            if state in REVERTING_STATES:
+                raise GuardError(
+                    f"the guard reverted before it saw the commit ({state})", host=self.host.name
+                )
+            self.clock.sleep(GUARD_POLL)
+        raise GuardError("the guard did not confirm the commit", host=self.host.name)
+
+    # -- the guard's status -----------------------------------------------------------
+
+    def _guard_last(self) -> dict[str, Any]:
+        lines = read_guard_status(self.remote, self.paths)
+        return lines[-1] if lines else {}
+
+    def _guard_state(self) -> str:
+        """The guard's current state; raises if it is reverting or gave up."""
+        last = self._guard_last()
+        state = last.get("state", "")
+        if state in REVERTING_STATES:
+            raise GuardError(
+                f"the guard is reverting: {last.get('reason', state)}",
+                host=self.host.name,
+                step=self.step_name,
+            )
+        return state
+
+    # -- unwinding ----------------------------------------------------------------------
+
+    def _unwind(self) -> Outcome:
+        if self.committed:
+            return Outcome.UPGRADED
+        if not self.swap_started:
+            return self._undo_before_swap()
+        t0 = self.clock.now()
+        self.ctx.events.step_started(self.host.name, "rollback")
+        outcome = self._revert()
+        self._record("rollback", "ok" if outcome is Outcome.ROLLED_BACK else "failed", t0)
+        return outcome
+
+    def _undo_before_swap(self) -> Outcome:
+        if self.window_open_since is not None:
+            try:
+                self._shut_window()
+            except DeployerError as exc:
+                self._message(f"could not close the allow-clientless window: {exc}")
+                return Outcome.UNSAFE
+        return (
+            Outcome.PLANNED
+            if self.ctx.options.dry_run
+            else Outcome.FAILED
+            if not self.ctx.options.dry_run
+            else Outcome.FAILED
+        )
+
+    def _revert(self) -> Outcome:
+        try:
+            if not self._ssh_alive():
+                self._shut_window_quietly()
+                self._reattach()
+            state = self._guard_last().get("state", "")
+            if state == "committed":
+                self.committed = True
+                return Outcome.UPGRADED
+            if state not in ("reverted", "aborted"):
+                state = self._ask_guard_to_revert()
+            self._shut_window()
+            last = self._guard_last()
+            if state == "aborted" and not last.get("changed", True):
+                return Outcome.FAILED
+            self._verify_old_client()
+            return Outcome.ROLLED_BACK
+        except Exception as exc:  # noqa: BLE001 - whatever happened, end state unknown
+            self._message(f"rollback could not be verified: {type(exc).__name__}: {exc}")
+            self._shut_window_quietly()
+            return Outcome.UNSAFE
+
+    def _ask_guard_to_revert(self) -> str:
+        if self.window_open_since is None:
+            self._open_window()  # the old client's restart must not cut the tunnel
+        self.remote.run(sh("touch", self.paths.control("revert")))
+        end = self.clock.now() + REVERT_WAIT
+        while self.clock.now() < end:
+            state = self._guard_last().get("state", "")
+            if state in FINAL_GUARD_STATES:
+                return state
+            self.clock.sleep(0.2)
+        raise GuardError("the guard did not finish its revert", host=self.host.name)
+
+    def _verify_old_client(self) -> None:
+        end = self.clock.now() + self.plan.online_timeout
+        while not self.api.client_status(self.host):
+            if self.clock.now() > end:
+                raise ClientOffline("old client not online after the revert", host=self.host.name)
+            self.clock.sleep(0.5)
+        installed = remote_sha256(self.remote, self.paths.script_path)
+        if installed != self.old_sha:
+            raise VerifyError(
+                "after the revert the installed script is not the old one", host=self.host.name
+            )
+
+    def _reattach(self) -> None:
+        """The SSH session is gone (a cut tunnel): reach the host again."""
+        if self.remote is not None:
+            self.remote.close()
+        self.remote = None
+        end = self.swap_at + self.plan.guard_deadline + REATTACH_MARGIN
+        while self.clock.now() < end:
+            try:
+                if self.api.client_status(self.host):
+                    self.api.connect(self.host)
+                    self.tunnel_opened = True
+                    self.remote = self.ctx.remote_factory(self.host)
+                    return
+            except (ApiError, RemoteError) as exc:
+                self._message(f"host not reachable yet: {exc}")
+            self.clock.sleep(REATTACH_EVERY)
+        raise SshConnectError(
+            "could not reach the host again after the SSH session was lost", host=self.host.name
+        )
+
+    def _ssh_alive(self) -> bool:
+        if self.remote is None:
+            return False
+        try:
+            self.remote.run("true", timeout=15)
+            return True
+        except (RemoteError, OSError):
+            return False
+
+    def _shut_window_quietly(self) -> None:
+        if self.window_open_since is None:
+            return
+        try:
+            self._shut_window()
+        except DeployerError as exc:
+            self._message(f"could not close the allow-clientless window: {exc}")
+
+    # -- cleanup -------------------------------------------------------------------------------
+
+    def _cleanup(self, outcome: Outcome) -> Outcome:
+        t0 = self.clock.now()
+        self.ctx.events.step_started(self.host.name, "cleanup")
+        status = "ok"
+        if self.window_open_since is not None:  # never leave it open, whatever happened
+            try:
+                self._shut_window()
+            except DeployerError:
+                outcome, status = Outcome.UNSAFE, "failed"
+        if self.remote is not None and outcome is not Outcome.UNSAFE:
+            try:
+                self._clean_host(outcome)
+            except (RemoteError, OSError) as exc:
+                status = "failed"
+                self._message(f"cleanup on the host failed: {exc}")
+            self.remote.close()
+        elif self.remote is not None:
+            self.remote.close()
+        if self.tunnel_opened:
+            try:
+                self.api.disconnect(self.host)
+                self._note(tunnel_opened=False)
+            except ApiError as exc:
+                status = "failed"
+                self._message(f"disconnect failed, the tunnel may stay open: {exc}")
+        self._record("cleanup", status, t0)
+        return outcome
+
+    def _clean_host(self, outcome: Outcome) -> None:
+        if outcome is Outcome.UPGRADED or outcome is Outcome.ROLLED_BACK:
+            prune_backups(self.remote, self.paths, self.host.keep_backups)
+        self.remote.run(sh("rm", "-rf", self.paths.run_dir))
+        if self.locked:
+            release_lock(self.remote, self.paths)
+            self._note(lock_maybe_held=False)
+
+    def _message(self, text: str) -> None:
+        self.ctx.events.message(self.host.name, scrub(text, self.ctx.inventory.secret_values()))
