@@ -145,8 +145,11 @@ class Rollout:
         run_host: RunHost,
         policy: RolloutPolicy,
         events: EventSink | None = None,
+        *,
+        handle_signals: bool = True,
     ):
         self.hosts = list(hosts)
+        self.handle_signals = handle_signals
         self.run_host = run_host
         self.policy = policy
         self.events = events or EventSink()
@@ -171,6 +174,11 @@ class Rollout:
         return self._interrupts > 0
 
     @property
+    def interrupts(self) -> int:
+        """How many interrupts (Ctrl-C; SIGTERM counts as two) were received."""
+        return self._interrupts
+
+    @property
     def failures(self) -> int:
         return self._failures
 
@@ -191,11 +199,20 @@ class Rollout:
         return count
 
     def run(self) -> list[HostResult]:
-        """Run every wave; return one result per host, in inventory order."""
-        limits = self.limits
-        with cf.ThreadPoolExecutor(
-            max_workers=limits.parallel, thread_name_prefix="deployer-host"
-        ) as pool:
+        """Run every wave; return one result per host, in inventory order.
+
+        Called from the main thread (and unless ``handle_signals=False``), the
+        run installs :func:`interrupt_on_signals` for its duration, so Ctrl-C
+        never raises ``KeyboardInterrupt`` in the middle of scheduling.
+        """
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        signals = interrupt_on_signals(self) if self.handle_signals and in_main_thread else None
+        with (
+            signals or contextlib.nullcontext(),
+            cf.ThreadPoolExecutor(
+                max_workers=self.limits.parallel, thread_name_prefix="deployer-host"
+            ) as pool,
+        ):
             for wave in self.policy.waves(len(self.hosts)):
                 if self._stop_reason:
                     break

@@ -407,3 +407,45 @@ def test_interrupt_after_a_budget_stop_keeps_the_first_reason():
     assert rollout.interrupt() == 1
     assert rollout.stop_reason == "failure budget exceeded (1 > 0)"
     assert outcomes(results) == ["rolled_back", "skipped", "skipped"]
+
+
+def test_signal_handlers_map_sigint_to_interrupt_and_sigterm_to_abort():
+    import signal
+
+    from deployer.rollout import interrupt_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    rollout = Rollout(make_hosts(1), FakeRunner(), RolloutPolicy())
+    with interrupt_on_signals(rollout):
+        signal.raise_signal(signal.SIGINT)
+        assert rollout.interrupted and rollout.interrupts == 1
+        signal.raise_signal(signal.SIGTERM)
+        assert rollout.interrupts == 3
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_real_sigint_during_a_main_thread_run_is_a_first_interrupt_not_an_exception():
+    import signal
+
+    hosts = make_hosts(4)
+    main = threading.main_thread().ident
+    noticed = threading.Event()
+    runner = FakeRunner()
+    rollout: Rollout | None = None
+
+    def before(host, control):
+        if host.name == "sbx-000":
+            signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C to the waiting thread
+            for _ in range(500):  # wait (bounded) until the main thread handled it
+                if rollout.interrupted:
+                    noticed.set()
+                    break
+                threading.Event().wait(0.01)
+
+    runner.before = before
+    rollout = Rollout(hosts, runner, RolloutPolicy(parallel=1))
+    results = rollout.run()
+    assert noticed.is_set()
+    assert runner.calls == ["sbx-000"]
+    assert outcomes(results) == ["upgraded", "skipped", "skipped", "skipped"]
+    assert rollout.stop_reason == "interrupted"
