@@ -1,0 +1,141 @@
+"""`deployer init`: the starter files, their contents, and the refusal to overwrite."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from importlib.resources import files
+
+import pytest
+from click.testing import CliRunner
+
+from deployer.cli.init import STARTER_ENV
+from deployer.cli.main import main
+from deployer.inventory import PROVIDER_DEFAULTS, SETTING_TYPES, load_inventory
+from deployer.model import HostConfig, ServiceConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+pytestmark = pytest.mark.cli
+
+ENV = {
+    "SSHREACH_USER_ID": "user-7f3a9c2e",
+    "PI01_DBID": "dbid-5b81d0aa",
+    "PI01_HOST_UUID": "20sldd20-20sz-aa20-aa02-aa0salskd82a",
+}
+# starter keys that deliberately differ from the built-in default (a recommendation)
+RECOMMENDED = {"validate"}
+
+
+def run_init(cwd) -> tuple[int, str, str]:
+    runner = CliRunner()
+    with runner.isolation() as (out, err, _):
+        old = os.getcwd()
+        os.chdir(cwd)
+        try:
+            main(["init"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os.chdir(old)
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def test_init_writes_inventory_and_template(tmp_path):
+    code, out, _ = run_init(tmp_path)
+
+    assert code == 0
+    assert "wrote deployer.toml" in out and "wrote templates/client.py.j2" in out
+    shipped = files("deployer.templates").joinpath("client.py.j2").read_text(encoding="utf-8")
+    assert (tmp_path / "templates" / "client.py.j2").read_text(encoding="utf-8") == shipped
+    assert set(STARTER_ENV) == set(ENV)
+
+
+def test_starter_inventory_loads_once_env_is_set(tmp_path):
+    run_init(tmp_path)
+
+    inventory = load_inventory(tmp_path / "deployer.toml", env=ENV)
+
+    host = inventory.hosts["pi-01"]
+    assert host.dbid.reveal() == ENV["PI01_DBID"]
+    assert inventory.provider.user_id.reveal() == ENV["SSHREACH_USER_ID"]
+    assert host.template == (tmp_path / "templates" / "client.py.j2").resolve()
+    assert inventory.groups == {"lab": ("pi-01",)}
+
+
+def test_starter_inventory_names_the_missing_env_var(tmp_path):
+    from deployer.errors import InventoryError
+
+    run_init(tmp_path)
+    env = {k: v for k, v in ENV.items() if k != "PI01_DBID"}
+
+    with pytest.raises(InventoryError, match="PI01_DBID is not set"):
+        load_inventory(tmp_path / "deployer.toml", env=env)
+
+
+def test_starter_inventory_holds_no_literal_credentials(tmp_path):
+    run_init(tmp_path)
+    doc = tomllib.loads((tmp_path / "deployer.toml").read_text(encoding="utf-8"))
+
+    assert doc["provider"]["user_id"].startswith("${")
+    for host in doc["hosts"].values():
+        assert host["dbid"].startswith("${") and host["host_uuid"].startswith("${")
+
+
+def test_starter_values_are_the_builtin_defaults(tmp_path):
+    """The starter shows the defaults; it must not drift from the model."""
+    run_init(tmp_path)
+    doc = tomllib.loads((tmp_path / "deployer.toml").read_text(encoding="utf-8"))
+    defaults = {f.name: f.default for f in dataclasses.fields(HostConfig)}
+    service_defaults = {f.name: f.default for f in dataclasses.fields(ServiceConfig)}
+
+    drift = {
+        key: (value, defaults[key])
+        for key, value in doc["defaults"].items()
+        if key in SETTING_TYPES
+        and key not in ("service", "vars", *RECOMMENDED)
+        and value != (str(defaults[key]) if key == "template" else defaults[key])
+    }
+    drift.update(
+        {
+            f"service.{key}": (value, service_defaults[key])
+            for key, value in doc["defaults"]["service"].items()
+            if value != service_defaults[key]
+        }
+    )
+    drift.update(
+        {
+            f"provider.{key}": (doc["provider"][key], value)
+            for key, value in PROVIDER_DEFAULTS.items()
+            if doc["provider"][key] != value
+        }
+    )
+    assert drift == {}
+
+
+def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "client.py.j2").write_text("mine\n", encoding="utf-8")
+
+    code, out, err = run_init(tmp_path)
+
+    assert code == 2
+    assert "templates/client.py.j2 already exists" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "deployer.toml").exists()
+    assert (tmp_path / "templates" / "client.py.j2").read_text(encoding="utf-8") == "mine\n"
+
+
+def test_init_twice_refuses_the_second_time(tmp_path):
+    assert run_init(tmp_path)[0] == 0
+    before = (tmp_path / "deployer.toml").read_bytes()
+
+    code, _, err = run_init(tmp_path)
+
+    assert code == 2 and "deployer.toml already exists" in err
+    assert (tmp_path / "deployer.toml").read_bytes() == before
