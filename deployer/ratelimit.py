@@ -7,9 +7,10 @@ thread starves however many wait (first come, first served), and the lock is
 never held while sleeping.
 
 A ``22 too many API calls`` reply calls :meth:`RateLimiter.slow_down`: the
-effective rate halves (not below ``rate / 16``). Each successful call
-(:meth:`RateLimiter.record_success`) gives back ``rate / 16``, so the full
-rate returns after a few successful calls, not at once.
+effective rate halves (not below ``rate / 16``; at most once per half
+second, so one burst of 22s from many threads counts once). Each successful
+call (:meth:`RateLimiter.record_success`) gives back ``rate / 32``, so the
+full rate returns gradually (16 successes after one halving), not at once.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from deployer.clock import Clock
 class SlowDownPolicy:
     factor: float = 0.5  # a 22 multiplies the effective rate by this
     floor: float = 1 / 16  # ... but never below this share of the configured rate
-    recovery: float = 1 / 16  # each success adds back this share of the configured rate
-    cooldown: float = 1.0  # seconds: one burst of 22s from many threads halves once
+    recovery: float = 1 / 32  # each success adds back this share of the configured rate
+    cooldown: float = 0.5  # seconds: one burst of 22s from many threads halves once
 
 
 DEFAULT_SLOW_DOWN = SlowDownPolicy()

@@ -256,8 +256,8 @@ def test_too_many_calls_slows_the_shared_limiter(serve, make_api, clock):
     api = make_api(limiter=limiter)
     api.connect(HOST)
     assert api.too_many_calls_seen == 1
-    # halved by the 22, then one success gave back 1/16 of the rate
-    assert limiter.effective_rate == pytest.approx(500.0 + 1000.0 / 16)
+    # halved by the 22, then one success gave back 1/32 of the rate
+    assert limiter.effective_rate == pytest.approx(500.0 + 1000.0 / 32)
 
 
 def test_no_retry_policy_raises_the_first_retryable_error(serve, make_api, clock):

@@ -56,7 +56,7 @@ def test_slow_down_halves_down_to_a_floor_and_success_recovers_gradually():
         limiter.slow_down()
     assert limiter.effective_rate == 1.0  # floor: rate / 16
     limiter.record_success()
-    assert limiter.effective_rate == 2.0
+    assert limiter.effective_rate == 1.5  # + rate / 32
     for _ in range(30):
         limiter.record_success()
     assert limiter.effective_rate == 16.0
