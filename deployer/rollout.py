@@ -34,6 +34,7 @@ import math
 import re
 import signal
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ from deployer.errors import UsageError
 from deployer.events import EventSink
 from deployer.model import HostConfig
 from deployer.result import ErrorInfo, HostResult, Outcome
+from deployer.secrets import scrub
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +260,26 @@ class Rollout:
         try:
             result = self.run_host(host, control)
         except Exception as exc:  # the workflow catches everything; this is a bug
-            log.exception("%s: the host workflow raised; its end state is unknown", host.name)
-            return HostResult(host.name, Outcome.UNSAFE, error=ErrorInfo.from_exception(exc, None))
+            return self._unexpected(host, exc)
         if not isinstance(result, HostResult):
             log.error("%s: the host workflow returned %r, not a result", host.name, type(result))
             error = ErrorInfo(None, "WorkflowError", "the host workflow returned no result")
             return HostResult(host.name, Outcome.UNSAFE, error=error)
         return result
+
+    def _unexpected(self, host: HostConfig, exc: Exception) -> HostResult:
+        """A bug: the end state is unknown. Scrub the host's ids (a URL may carry them)."""
+        secrets = host.secret_values()
+        error = ErrorInfo.from_exception(exc, None)
+        error.message = scrub(error.message, secrets)
+        log.error(
+            "%s: the host workflow raised %s: %s; its end state is unknown",
+            host.name,
+            error.type,
+            error.message,
+        )
+        log.debug("%s", scrub(traceback.format_exc(), secrets))
+        return HostResult(host.name, Outcome.UNSAFE, error=error)
 
     def _finish(self, index: int, future: cf.Future[HostResult]) -> None:
         try:

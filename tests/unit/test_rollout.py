@@ -4,6 +4,7 @@ threading primitives, never by sleeping."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -332,6 +333,21 @@ def test_an_exception_escaping_run_host_is_unsafe_and_counts():
     assert outcomes(results) == ["unsafe", "skipped", "skipped"]
     assert results[0].error.type == "RuntimeError"
     assert results[0].error.message == "bug in workflow"
+
+
+def test_an_escaping_exception_message_is_scrubbed_of_the_hosts_credentials(caplog):
+    hosts = make_hosts(1)
+
+    def leaky(host, control):
+        raise ConnectionError(f"GET /api/connect?dbid={host.dbid.reveal()} refused")
+
+    with caplog.at_level(logging.DEBUG, logger="deployer.rollout"):
+        results = Rollout(hosts, leaky, RolloutPolicy()).run()
+    assert "ConnectionError" in caplog.text and "Traceback" in caplog.text
+    assert hosts[0].dbid.reveal() not in caplog.text
+    assert results[0].result is Outcome.UNSAFE
+    assert hosts[0].dbid.reveal() not in results[0].error.message
+    assert "…0000 refused" in results[0].error.message
 
 
 def test_a_broken_event_sink_does_not_break_the_rollout():
