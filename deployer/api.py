@@ -63,8 +63,8 @@ CALLS: tuple[str, ...] = ("connect", "disconnect", "client_status", "set_allow_c
 
 CODE_MEANINGS: dict[int, str] = {
     0: "ok",
-    11: "not connected",
-    12: "not disconnected",
+    11: "not connected; the tunnel could not be opened",
+    12: "not disconnected; the tunnel may stay open",
     21: "invalid api call; check api_url",
     22: "too many API calls",
     23: "client blocked",
@@ -377,6 +377,8 @@ class ProviderAPI:
         if code == TOO_MANY_CALLS_CODE:
             self._saw_too_many_calls()
         if raw:
+            if code == 0:
+                self.limiter.record_success()
             return self._masked(reply, host)
         if code == 0 and not success:
             text = "inconsistent reply: error_code 0 with success false"
