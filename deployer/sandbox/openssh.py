@@ -1,0 +1,109 @@
+"""The system's OpenSSH server as the sandbox's SSH server: ``/usr/sbin/sshd -D``
+with a generated config on 127.0.0.1, the sandbox's host key and the sandbox
+client key as the only authorized key.
+
+``MaxStartups`` and ``MaxSessions`` are raised so a parallel fleet run through
+many tunnels is not refused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+SSHD = Path("/usr/sbin/sshd")
+PRIVSEP_DIR = Path("/run/sshd")
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def available() -> bool:
+    """True when OpenSSH's sshd is installed."""
+    return SSHD.is_file() and os.access(SSHD, os.X_OK)
+
+
+def _quoted(path: Path) -> str:
+    return '"' + str(path).replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, *, port: int, host_key: Path, authorized_keys: Path, pidfile: Path):
+    """Write an sshd_config for the sandbox to ``path``."""
+    lines = [
+        f"Port {port}",
+        "ListenAddress 127.0.0.1",
+        f"HostKey {_quoted(host_key)}",
+        f"PidFile {_quoted(pidfile)}",
+        f"AuthorizedKeysFile {_quoted(authorized_keys)}",
+        "StrictModes no",
+        "UsePAM no",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "MaxStartups 500:30:1000",
+        "MaxSessions 100",
+        "AllowTcpForwarding no",
+        "X11Forwarding no",
+        "PrintMotd no",
+        "LogLevel INFO",
+        "Subsystem sftp internal-sftp",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class OpenSshServer:
+    """``sshd -D -e -f CONFIG`` as a child process, its log in ``log_path``."""
+
+    def __init__(self, config: Path, port: int, log_path: Path):
+        self.config = config
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> int:
+        if not available():
+            raise RuntimeError(f"{SSHD} not found: install openssh-server or use the embedded sshd")
+        if os.geteuid() == 0:
+            PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(SSHD), "-D", "-e", "-f", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        self._wait_listening()
+        return self.port
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sshd did not listen on port {self.port}; see {self.log_path}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT)
