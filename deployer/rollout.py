@@ -136,10 +136,19 @@ class HostControl:
 
 
 RunHost = Callable[[HostConfig, HostControl], HostResult]
+_HostFuture = cf.Future  # of (result, made up by the rollout)
 
 
 class Rollout:
-    """Run ``run_host`` over ``hosts`` under ``policy``; see the module docstring."""
+    """Run ``run_host`` over ``hosts`` under ``policy``; see the module docstring.
+
+    ``events`` gets ``host_finished`` for every host (skipped ones included)
+    after the fleet policy has seen the result, and ``host_started`` as each
+    host is submitted. With ``host_events=False`` (``run_host`` reports its own
+    hosts, as the workflow does) only results that the rollout makes up —
+    skipped hosts, a ``run_host`` that raised — are emitted. ``handle_signals``:
+    see :meth:`run`.
+    """
 
     def __init__(
         self,
@@ -149,9 +158,11 @@ class Rollout:
         events: EventSink | None = None,
         *,
         handle_signals: bool = True,
+        host_events: bool = True,
     ):
         self.hosts = list(hosts)
         self.handle_signals = handle_signals
+        self.host_events = host_events
         self.run_host = run_host
         self.policy = policy
         self.events = events or EventSink()
@@ -226,7 +237,7 @@ class Rollout:
 
     def _run_wave(self, pool: cf.ThreadPoolExecutor, wave: range) -> None:
         pending = list(wave)
-        in_flight: dict[cf.Future[HostResult], int] = {}
+        in_flight: dict[_HostFuture, int] = {}
         while in_flight or (pending and not self._stop_reason):
             while pending and not self._stop_reason and len(in_flight) < self.limits.parallel:
                 index = pending.pop(0)
@@ -236,17 +247,18 @@ class Rollout:
             for future in self._wait(in_flight):
                 self._finish(in_flight.pop(future), future)
 
-    def _submit(self, pool: cf.ThreadPoolExecutor, index: int) -> cf.Future[HostResult]:
+    def _submit(self, pool: cf.ThreadPoolExecutor, index: int) -> _HostFuture:
         host = self.hosts[index]
         control = HostControl(host.name)
         with self._lock:
             self._controls[index] = control
             if self._interrupts >= 2:
                 control.abort.set()
-        self._emit("host_started", host.name)
+        if self.host_events:
+            self._emit("host_started", host.name)
         return pool.submit(self._call_run_host, host, control)
 
-    def _wait(self, in_flight: dict[cf.Future[HostResult], int]) -> set[cf.Future[HostResult]]:
+    def _wait(self, in_flight: dict[_HostFuture, int]) -> set[_HostFuture]:
         """Wait for at least one host to finish; a Ctrl-C while waiting is an interrupt."""
         while True:
             try:
@@ -256,16 +268,17 @@ class Rollout:
                 count = self.interrupt()
                 log.warning(_interrupt_notice(count))
 
-    def _call_run_host(self, host: HostConfig, control: HostControl) -> HostResult:
+    def _call_run_host(self, host: HostConfig, control: HostControl) -> tuple[HostResult, bool]:
+        """The host's result, and whether the rollout made it up (run_host reported none)."""
         try:
             result = self.run_host(host, control)
         except Exception as exc:  # the workflow catches everything; this is a bug
-            return self._unexpected(host, exc)
+            return self._unexpected(host, exc), True
         if not isinstance(result, HostResult):
             log.error("%s: the host workflow returned %r, not a result", host.name, type(result))
             error = ErrorInfo(None, "WorkflowError", "the host workflow returned no result")
-            return HostResult(host.name, Outcome.UNSAFE, error=error)
-        return result
+            return HostResult(host.name, Outcome.UNSAFE, error=error), True
+        return result, False
 
     def _unexpected(self, host: HostConfig, exc: Exception) -> HostResult:
         """A bug: the end state is unknown. Scrub the host's ids (a URL may carry them)."""
@@ -281,19 +294,20 @@ class Rollout:
         log.debug("%s", scrub(traceback.format_exc(), secrets))
         return HostResult(host.name, Outcome.UNSAFE, error=error)
 
-    def _finish(self, index: int, future: cf.Future[HostResult]) -> None:
+    def _finish(self, index: int, future: _HostFuture) -> None:
         try:
-            result = future.result()
+            result, made_up = future.result()
         except BaseException as exc:  # _call_run_host returns; only a cancelled future lands here
             error = ErrorInfo.from_exception(exc, None)
-            result = HostResult(self.hosts[index].name, Outcome.UNSAFE, error=error)
+            result, made_up = HostResult(self.hosts[index].name, Outcome.UNSAFE, error=error), True
         with self._lock:
             self._controls.pop(index, None)
             self._results[index] = result
             self._apply_fleet_policy(result)
             if index < self.limits.canary and result.result not in SUCCESS_OUTCOMES:
                 self._stop(f"{CANARY_FAILED_REASON} ({result.host}: {result.result.value})")
-        self._emit("host_finished", result)
+        if self.host_events or made_up:
+            self._emit("host_finished", result)
 
     # --- fleet policy -------------------------------------------------------
 

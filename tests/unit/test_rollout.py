@@ -465,3 +465,20 @@ def test_a_real_sigint_during_a_main_thread_run_is_a_first_interrupt_not_an_exce
     assert runner.calls == ["sbx-000"]
     assert outcomes(results) == ["upgraded", "skipped", "skipped", "skipped"]
     assert rollout.stop_reason == "interrupted"
+
+
+def test_with_host_events_off_only_made_up_results_are_emitted():
+    """The workflow reports its own host_started/host_finished; the rollout then
+    reports only what the workflow cannot: skipped hosts and crashed runs."""
+    hosts = make_hosts(4)
+
+    def crash(name):
+        raise RuntimeError("bug")
+
+    events = Recorder()
+    runner = FakeRunner({"sbx-001": crash})
+    policy = RolloutPolicy(max_failures="0")
+    results = Rollout(hosts, runner, policy, events, host_events=False).run()
+    assert outcomes(results) == ["upgraded", "unsafe", "skipped", "skipped"]
+    assert events.started == []
+    assert [r.host for r in events.finished] == ["sbx-001", "sbx-002", "sbx-003"]
