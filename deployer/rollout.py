@@ -327,7 +327,8 @@ class Rollout:
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
-                log.warning("rollout stopped: %s", reason)
+                if reason != INTERRUPTED_REASON:  # the interrupt has its own notice
+                    log.warning("rollout stopped: %s", reason)
 
     def _skip_the_rest(self) -> None:
         reason = self._stop_reason or "not started"
