@@ -223,7 +223,8 @@ class Rollout:
         with (
             signals or contextlib.nullcontext(),
             cf.ThreadPoolExecutor(
-                max_workers=self.limits.parallel, thread_name_prefix="deployer-host"
+                max_workers=max(1, min(self.limits.parallel, len(self.hosts))),
+                thread_name_prefix="deployer-host",
             ) as pool,
         ):
             for wave in self.policy.waves(len(self.hosts)):
