@@ -342,8 +342,10 @@ class HostRun:
         end = self.clock.now() + self.plan.stable_for
         while (left := end - self.clock.now()) > 0:
             self._check_abort()
-            if self._guard_state() != "first_life" and self._guard_state() != "started":
-                raise GuardError("the guard stopped watching", host=self.host.name)
+            state = self._guard_state()
+            if state not in ("started", "first_life"):
+                raise GuardError(f"the guard stopped watching (state {state!r})",
+                                 host=self.host.name)
             self.clock.sleep(min(SOAK_POLL, left), self.abort)
         self._check_abort()
         if self.plan.health:
