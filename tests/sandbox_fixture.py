@@ -1,1 +1,124 @@
-"""The `sandbox` pytest fixture (filled in by the sandbox work)."""
+"""The ``sandbox`` pytest fixtures: a real local fleet (simulator, SSH server,
+client processes) in a tmp directory, torn down even when the test fails.
+
+- ``sandbox_factory(hosts=3, sshd="embedded", **faults)`` -> :class:`Sandbox`
+  (function scope; any number of sandboxes per test);
+- ``module_sandbox_factory`` — the same, torn down at the end of the module;
+- ``sandbox`` — 3 hosts, embedded sshd, per test.
+
+``faults``: ``api_latency``, ``rate_limit``, ``fail_rate``, ``garbage_rate``,
+``offline_after`` at start; anything else later with ``sb.set_faults(...)``.
+``sshd="openssh"`` skips the test when /usr/sbin/sshd is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.sandbox import fleet, openssh, processes
+from deployer.sandbox.client import SandboxClient
+
+CLI_TIMEOUT = 90.0
+
+requires_openssh = pytest.mark.skipif(
+    not openssh.available(), reason=f"{openssh.SSHD} not installed (apt-get install openssh-server)"
+)
+
+
+@dataclass
+class Sandbox:
+    """A running sandbox as tests see it."""
+
+    dir: Path
+    inventory: Path
+    info: fleet.SandboxInfo
+    client: SandboxClient
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.info.hosts)
+
+    def state(self) -> dict[str, Any]:
+        return self.client.state()
+
+    def host(self, name: str) -> dict[str, Any]:
+        return self.client.host(name)
+
+    def set_faults(self, **changes: Any) -> dict[str, Any]:
+        return self.client.set_faults(**changes)
+
+    def host_dir(self, name: str) -> Path:
+        return self.dir / "hosts" / name
+
+    def client_pid(self, name: str) -> int | None:
+        return processes.read_pidfile(self.host_dir(name) / "client.pid")
+
+    def run_cli(
+        self, *args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        """``python -m deployer -i INVENTORY ARGS…`` -> (exit code, stdout, stderr)."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "deployer", "-i", str(self.inventory), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env if env is not None else dict(os.environ),
+            stdin=subprocess.DEVNULL,
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+
+
+class _Factory:
+    def __init__(self, tmp_factory: pytest.TempPathFactory):
+        self._tmp = tmp_factory
+        self._dirs: list[Path] = []
+
+    def __call__(self, hosts: int = 3, sshd: str = "embedded", **faults: Any) -> Sandbox:
+        if sshd == "openssh" and not openssh.available():
+            pytest.skip(f"{openssh.SSHD} not installed")
+        root = self._tmp.mktemp("sandbox")
+        self._dirs.append(root)
+        info = fleet.up(root, hosts=hosts, sshd=sshd, **faults)
+        return Sandbox(root, info.inventory, info, info.client)
+
+    def teardown(self) -> None:
+        for root in self._dirs:
+            report = fleet.down(root)
+            if not report.clean:
+                leftovers = processes.processes_mentioning(f"{root}/")
+                processes.kill_now(leftovers)
+                warnings.warn(
+                    f"sandbox {root} left pids {report.leftover_pids} ports {report.open_ports}",
+                    stacklevel=1,
+                )
+
+
+@pytest.fixture
+def sandbox_factory(tmp_path_factory):
+    factory = _Factory(tmp_path_factory)
+    try:
+        yield factory
+    finally:
+        factory.teardown()
+
+
+@pytest.fixture(scope="module")
+def module_sandbox_factory(tmp_path_factory):
+    factory = _Factory(tmp_path_factory)
+    try:
+        yield factory
+    finally:
+        factory.teardown()
+
+
+@pytest.fixture
+def sandbox(sandbox_factory) -> Sandbox:
+    return sandbox_factory()

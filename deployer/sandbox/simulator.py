@@ -216,7 +216,7 @@ class Simulator:
         self._httpd = _HttpServer(("127.0.0.1", self.port), _Handler, self)
         self.port = self._httpd.server_address[1]
         self._http_thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._http_thread.start()
         self._monitor = threading.Thread(target=self._monitor_loop, name="monitor", daemon=True)
@@ -382,11 +382,12 @@ class Simulator:
 
     def set_faults(self, changes: dict[str, Any]) -> Faults:
         with self._lock:
-            unknown = set(changes.get("blocked", ())) - set(self._hosts)
+            faults = self.faults.updated(changes)
+            unknown = set(faults.blocked) - set(self._hosts)
             if unknown:
                 raise ValueError(f"blocked: unknown host(s) {', '.join(sorted(unknown))}")
-            self.faults = self.faults.updated(changes)
-            return self.faults
+            self.faults = faults
+            return faults
 
     def reset_counters(self) -> None:
         with self._lock:
