@@ -78,6 +78,10 @@ class RedactingFilter(logging.Filter):
         if self._secrets:
             message = scrub(record.getMessage(), self._secrets)
             record.msg, record.args = message, None
+            if record.exc_info and not record.exc_text:
+                # the traceback is formatted after filtering: format and scrub it now
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
             if record.exc_text:
                 record.exc_text = scrub(record.exc_text, self._secrets)
         return True

@@ -20,7 +20,7 @@ from deployer.events import EventSink, Fanout
 from deployer.model import HostConfig, Inventory
 from deployer.plan import HostPlan, plan_host
 from deployer.result import RunResult
-from deployer.rollout import HostControl, Rollout, RolloutPolicy, interrupt_on_signals
+from deployer.rollout import HostControl, Rollout, RolloutPolicy
 from deployer.workflow import HostRun, RunContext, UpgradeOptions
 
 
@@ -124,10 +124,9 @@ def run_upgrade(
     def run_host(host: HostConfig, control: HostControl):
         return HostRun(ctx, plans[host.name], control.abort).execute()
 
-    rollout = Rollout(request.hosts, run_host, request.policy, events)
+    rollout = Rollout(request.hosts, run_host, request.policy, events, host_events=False)
     try:
-        with interrupt_on_signals(rollout):
-            run.hosts = rollout.run()
+        run.hosts = rollout.run()  # Ctrl-C / SIGTERM handled inside (deployer.rollout)
     finally:
         run.finished = time.time()
         run.interrupted = rollout.interrupted

@@ -126,9 +126,7 @@ def _run(
         stable_for=stable_for,
     )
     secrets = inventory.secret_values()
-    progress = make_progress(
-        sys.stderr, len(hosts), quiet=obj.quiet or as_json and False, secrets=secrets
-    )
+    progress = make_progress(sys.stderr, len(hosts), quiet=obj.quiet, secrets=secrets)
     run = run_upgrade(request, progress)
     for host in run.hosts:
         if host.diff is not None:
@@ -136,7 +134,7 @@ def _run(
     if report:
         reporting.write_json(run, report, secrets)
     if junit:
-        reporting.write_junit(run, junit, secrets=secrets)
+        reporting.write_junit(run, junit, command=command, secrets=secrets)
     if as_json:
         click.echo(reporting.to_json_text(run, secrets))
     elif not obj.quiet:
