@@ -22,8 +22,10 @@ What it does, writing one JSON line per step to ``run_dir/status``:
      ``set_allow_clientless(false)`` itself, write ``reverted``.
 
 So a deployer that vanishes at any moment leaves neither an open window nor
-a host without a client. The guard deletes its own file (it holds API
-credentials) as soon as it has read it.
+a host without a client. ``--revert`` runs only the undo (``deployer`` uses
+it when the guard of a run died before it finished, e.g. the host rebooted).
+The guard deletes its own file (it holds API credentials) as soon as it has
+read it.
 """
 
 import json
@@ -362,6 +364,9 @@ def main(argv):
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
+        if "--revert" in argv:  # the run's own guard is gone: undo its swap
+            backup = cfg["backup_path"] if os.path.exists(cfg["backup_path"]) else None
+            return guard.revert("the guard of this run is gone; reverting for deployer", backup)
         return guard.run()
     except Exception as exc:  # noqa: BLE001 - last line of defence: report and undo
         guard.status("error", reason="%s: %s" % (type(exc).__name__, exc))

@@ -147,6 +147,15 @@ def process_start_token(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] in ("Z", "X")
+
+
 def process_is_live(machine: str, pid: int, pid_start: str | None = None) -> bool:
     """Is ``pid`` alive on this machine (and the same process that was recorded)?
 
@@ -160,6 +169,8 @@ def process_is_live(machine: str, pid: int, pid_start: str | None = None) -> boo
         return False
     except PermissionError:
         pass  # exists, owned by someone else
+    if _is_zombie(pid):
+        return False  # killed, not yet reaped: gone for our purposes
     if pid_start is not None:
         current = process_start_token(pid)
         if current is not None and current != pid_start:

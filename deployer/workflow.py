@@ -108,15 +108,34 @@ class HostRun:
         self.exposure = 0.0
         self.swap_at = 0.0
         self.guard_pid: int | None = None
+        self.backup_path: str | None = None
 
     # -- the run ------------------------------------------------------------------
 
     def execute(self) -> HostResult:
+        return self._run(self._forward)
+
+    def resume(self, facts: dict[str, Any]) -> HostResult:
+        """``deployer recover``: finish a host that a vanished deployer left behind,
+        from the facts it journalled before each action."""
+        self.swap_started = bool(facts.get("swap_started"))
+        self.committed = bool(facts.get("committed"))
+        self.tunnel_opened = bool(facts.get("tunnel_opened"))
+        self.locked = bool(facts.get("lock_maybe_held"))
+        self.old_sha = facts.get("old_sha256")
+        self.new_sha = facts.get("new_sha256")
+        self.backup_path = facts.get("backup_path")
+        self.swap_at = self.clock.now()  # unknown: allow the guard its whole deadline
+        if facts.get("window_maybe_open"):
+            self.window_open_since = self.clock.now()
+        return self._run(lambda: self._step("recover", self._recover))
+
+    def _run(self, body: Callable[[], Outcome]) -> HostResult:
         started = self.clock.now()
         self.ctx.events.host_started(self.host.name)
         error = None
         try:
-            outcome = self._forward()
+            outcome = body()
         except BaseException as exc:  # noqa: BLE001 - Ctrl-C too: unwind, then report
             error = ErrorInfo.from_exception(exc, self.step_name)
             error.message = scrub(error.message, self.ctx.inventory.secret_values())
@@ -261,7 +280,7 @@ class HostRun:
 
     def _stage(self) -> None:
         r, p = self.remote, self.paths
-        backup = p.backup_for(self.old_sha, self.clock.wall())
+        self.backup_path = backup = p.backup_for(self.old_sha, self.clock.wall())
         guard = render_guard(guard_config(self.plan, self.ctx.inventory, backup))
         self._note(staged=True, backup_path=backup)
         r.run(f"umask 077 && mkdir -p {sh(p.backups)} {sh(p.run_dir)}")
@@ -344,8 +363,9 @@ class HostRun:
             self._check_abort()
             state = self._guard_state()
             if state not in ("started", "first_life"):
-                raise GuardError(f"the guard stopped watching (state {state!r})",
-                                 host=self.host.name)
+                raise GuardError(
+                    f"the guard stopped watching (state {state!r})", host=self.host.name
+                )
             self.clock.sleep(min(SOAK_POLL, left), self.abort)
         self._check_abort()
         if self.plan.health:
@@ -420,25 +440,23 @@ class HostRun:
             except DeployerError as exc:
                 self._message(f"could not close the allow-clientless window: {exc}")
                 return Outcome.UNSAFE
-        return (
-            Outcome.PLANNED
-            if self.ctx.options.dry_run
-            else Outcome.FAILED
-            if not self.ctx.options.dry_run
-            else Outcome.FAILED
-        )
+        return Outcome.FAILED
 
     def _revert(self) -> Outcome:
         try:
             if not self._ssh_alive():
                 self._shut_window_quietly()
                 self._reattach()
-            state = self._guard_last().get("state", "")
+            lines = read_guard_status(self.remote, self.paths)
+            state = lines[-1].get("state", "") if lines else ""
             if state == "committed":
                 self.committed = True
                 return Outcome.UPGRADED
+            if not lines and self._installed() == self.old_sha:
+                return Outcome.FAILED  # the guard never ran: nothing changed
             if state not in ("reverted", "aborted"):
-                state = self._ask_guard_to_revert()
+                alive = bool(lines) and self._guard_alive(lines[0].get("pid"))
+                state = self._ask_guard_to_revert(relaunch=not alive)
             self._shut_window()
             last = self._guard_last()
             if state == "aborted" and not last.get("changed", True):
@@ -450,10 +468,30 @@ class HostRun:
             self._shut_window_quietly()
             return Outcome.UNSAFE
 
-    def _ask_guard_to_revert(self) -> str:
+    def _recover(self) -> Outcome:
+        if self.window_open_since is not None:
+            self._shut_window()  # first of all: no window left open
+        if self.swap_started or self.committed:
+            return self._revert()  # reads the guard: committed, reverted, or revert now
+        if self.locked:
+            self._reattach()  # only to release the lock and the staged files
+        return Outcome.FAILED
+
+    def _installed(self) -> str | None:
+        return remote_sha256(self.remote, self.paths.script_path)
+
+    def _guard_alive(self, pid: Any) -> bool:
+        if not isinstance(pid, int):
+            return False
+        return self.remote.run(f"kill -0 {pid}", check=False).ok
+
+    def _ask_guard_to_revert(self, relaunch: bool = False) -> str:
         if self.window_open_since is None:
             self._open_window()  # the old client's restart must not cut the tunnel
-        self.remote.run(sh("touch", self.paths.control("revert")))
+        if relaunch:  # the run's guard is gone (host rebooted, killed): a new one undoes
+            self._relaunch_guard()
+        else:
+            self.remote.run(sh("touch", self.paths.control("revert")))
         end = self.clock.now() + REVERT_WAIT
         while self.clock.now() < end:
             state = self._guard_last().get("state", "")
@@ -462,14 +500,24 @@ class HostRun:
             self.clock.sleep(0.2)
         raise GuardError("the guard did not finish its revert", host=self.host.name)
 
+    def _relaunch_guard(self) -> None:
+        p = self.paths
+        backup = self.backup_path or p.backup_for(self.old_sha, self.clock.wall())
+        guard = render_guard(guard_config(self.plan, self.ctx.inventory, backup))
+        self.remote.run(f"umask 077 && mkdir -p {sh(p.run_dir)}")
+        self.remote.write_file(p.guard, guard)
+        self.remote.run(
+            f"chmod 0700 {sh(p.guard)} && cd {sh(p.run_dir)} && "
+            f"{sh(self.host.python)} guard.py --detach --revert"
+        )
+
     def _verify_old_client(self) -> None:
         end = self.clock.now() + self.plan.online_timeout
         while not self.api.client_status(self.host):
             if self.clock.now() > end:
                 raise ClientOffline("old client not online after the revert", host=self.host.name)
             self.clock.sleep(0.5)
-        installed = remote_sha256(self.remote, self.paths.script_path)
-        if installed != self.old_sha:
+        if self._installed() != self.old_sha:
             raise VerifyError(
                 "after the revert the installed script is not the old one", host=self.host.name
             )

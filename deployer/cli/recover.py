@@ -149,3 +149,41 @@ def _host_line(h: dict[str, Any], pending: str) -> str:
         where = f" at {error['step']}" if error.get("step") else ""
         line += f"  error: {error.get('type')}{where}: {error.get('message')}"
     return line
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+@click.pass_obj
+def recover(obj: Any, as_json: bool) -> None:
+    """Finish every interrupted run from the journal.
+
+    Closes every allow-clientless window a journalled run may have left open,
+    lets or makes each uncommitted guard revert, waits for a client online,
+    releases locks, closes tunnels deployer opened and records each host's
+    final result. Harmless when nothing is dangling. Exit 0 when every host
+    ends verified, 3 when some host is still unsafe.
+    """
+    import sys
+
+    from deployer import report as reporting
+    from deployer.errors import EXIT_OK, EXIT_UNSAFE
+    from deployer.progress import make_progress
+    from deployer.recover import run_recover
+    from deployer.result import Outcome
+
+    inventory = obj.load_inventory()
+    state_dir = obj.state_dir(inventory.path)
+    secrets = inventory.secret_values()
+
+    def progress(total: int):
+        return make_progress(sys.stderr, total, quiet=obj.quiet, secrets=secrets)
+
+    run = run_recover(inventory, state_dir, progress)
+    if as_json:
+        click.echo(reporting.to_json_text(run, secrets))
+    elif not run.hosts:
+        click.echo(f"nothing to recover: no interrupted run in {state_dir}", err=True)
+    elif not obj.quiet:
+        click.echo(reporting.render_table(run, secrets), err=True)
+    unsafe = any(h.result is Outcome.UNSAFE for h in run.hosts)
+    raise SystemExit(EXIT_UNSAFE if unsafe else EXIT_OK)
