@@ -17,7 +17,8 @@ from typing import Any
 from deployer.hostfiles import HostPaths
 from deployer.model import HostConfig, Inventory
 
-SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life
+SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life,
+# plus two API timeouts: the soak ends with a client_status call that may be retried
 GUARD_EXTRA = 60.0  # default guard deadline = online_timeout + stable_for + this
 
 
@@ -124,7 +125,7 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
         "backup_path": backup_path,
         "service": plan.service,
         "deadline": plan.guard_deadline,
-        "soak_deadline": plan.stable_for + SOAK_MARGIN,
+        "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * host.timeout,
         "api": {
             "url": host.api_url,
             "timeout": host.timeout,
