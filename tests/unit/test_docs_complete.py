@@ -197,7 +197,8 @@ def cli_tree() -> tuple[list[tuple[tuple[str, ...], click.Context]], list[str]]:
 
 def site_markdown_extensions() -> tuple[list[str], dict[str, dict]]:
     """The Markdown extensions (and their settings) that mkdocs.yml gives the site."""
-    import yaml
+    yaml = pytest.importorskip("yaml", reason="install the docs extra: pip install -e .[docs]")
+    pytest.importorskip("mkdocs_click", reason="install the docs extra: pip install -e .[docs]")
 
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
     names, settings = [], {}
@@ -210,9 +211,9 @@ def site_markdown_extensions() -> tuple[list[str], dict[str, dict]]:
 
 def rendered_cli_sections(markdown_text: str) -> dict[str, str]:
     """The CLI page as the site renders it: heading text -> the text under it."""
+    names, settings = site_markdown_extensions()
     import markdown
 
-    names, settings = site_markdown_extensions()
     page = markdown.markdown(markdown_text, extensions=names, extension_configs=settings)
     parts = re.split(r"<h[1-6][^>]*>(.*?)</h[1-6]>", page, flags=re.S)
     sections = {}
