@@ -279,3 +279,43 @@ def test_every_exit_code_is_documented():
     documented = {int(m.group(1)) for line in lines if (m := re.match(r"^\| (\d+) \|", line))}
 
     assert sorted(codes - documented) == [], "exit codes without a row in exit-codes.md"
+
+
+# --- shell completion, as docs/reference/cli.md documents it ---------------------------------
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_the_documented_completion_lines_work(shell):
+    import os
+    import subprocess
+
+    doc = CLI_DOC.read_text(encoding="utf-8")
+    assert f"_DEPLOYER_COMPLETE={shell}_source deployer" in doc
+    env = {**os.environ, "_DEPLOYER_COMPLETE": f"{shell}_source"}
+
+    script = subprocess.run(
+        [sys.executable, "-m", "deployer"], env=env, capture_output=True, text=True, timeout=30
+    )
+
+    assert script.returncode == 0 and "_DEPLOYER_COMPLETE" in script.stdout
+
+
+def test_completion_offers_lazy_subcommands_and_their_options():
+    import os
+    import subprocess
+
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_DEPLOYER_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "deployer"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout
+        return [line.split(",", 1)[1] for line in out.splitlines()]
+
+    assert complete("deployer up") == ["upgrade"]
+    assert complete("deployer sandbox u") == ["up"]
+    assert "--dry-run" in complete("deployer upgrade --d")
