@@ -1,23 +1,24 @@
 """``deployer init``: write a commented starter inventory and the client template.
 
 Both files are copied verbatim from the package data ``deployer.templates``
-(``starter.toml.j2`` becomes ``deployer.toml``; ``client.py.j2`` goes to
-``templates/``), so an installed deployer needs nothing from the source tree.
+(``starter.toml.j2`` becomes ``deployer.toml``, or the path of the global
+``-i``; ``client.py.j2`` goes to ``templates/`` beside it), so an installed
+deployer needs nothing from the source tree. The starter is not rendered:
+its ``{{ ... }}`` are deployer's own command templates.
 An existing file is never overwritten: init checks every target first and
 writes nothing if one exists.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
 
-# package resource -> path written, relative to the current directory
-STARTER_FILES: tuple[tuple[str, str], ...] = (
-    ("starter.toml.j2", "deployer.toml"),
-    ("client.py.j2", "templates/client.py.j2"),
-)
+# package resource -> path written, relative to the inventory's directory
+STARTER_TEMPLATE = ("client.py.j2", "templates/client.py.j2")
+STARTER_INVENTORY = "starter.toml.j2"
 STARTER_ENV = ("SSHREACH_USER_ID", "PI01_DBID", "PI01_HOST_UUID")
 
 
@@ -28,11 +29,15 @@ def starter_text(resource: str) -> str:
     return files("deployer.templates").joinpath(resource).read_text(encoding="utf-8")
 
 
-def write_starter(directory: Path) -> list[Path]:
-    """Write the starter files into ``directory``; refuse if any already exists."""
+def write_starter(inventory: Path) -> list[Path]:
+    """Write the starter inventory at ``inventory`` and the client template beside it.
+
+    Refuses (UsageError, exit 2) before writing anything if a target exists.
+    """
     from deployer.errors import UsageError
 
-    targets = [(resource, directory / name) for resource, name in STARTER_FILES]
+    resource, relative = STARTER_TEMPLATE
+    targets = [(STARTER_INVENTORY, inventory), (resource, inventory.parent / relative)]
     for _, path in targets:
         if path.exists() or path.is_symlink():
             raise UsageError(
@@ -49,17 +54,21 @@ def write_starter(directory: Path) -> list[Path]:
 
 
 @click.command()
-def init() -> None:
+@click.pass_obj
+def init(obj) -> None:
     """Write a commented starter deployer.toml and templates/client.py.j2 here.
 
-    Refuses (exit 2) if either file already exists.
+    With the global -i PATH, the inventory goes to PATH and templates/ beside
+    it. Refuses (exit 2) if either file already exists.
     """
-    for path in write_starter(Path.cwd()):
-        click.echo(f"wrote {path.relative_to(Path.cwd())}")
+    inventory = Path(obj.inventory_option or "deployer.toml").expanduser()
+    for path in write_starter(inventory):
+        click.echo(f"wrote {path}")
     env = " ".join(f"{name}=..." for name in STARTER_ENV)
+    option = f"-i {shlex.quote(str(inventory))} " if obj.inventory_option else ""
     click.echo(
-        "next: edit deployer.toml (provider, hosts), then\n"
+        f"next: edit {inventory} (provider, hosts), then\n"
         f"  export {env}\n"
-        "  deployer hosts                       # check the inventory\n"
-        "  deployer upgrade --dry-run pi-01     # read-only: shows the diff"
+        f"  deployer {option}hosts                       # check the inventory\n"
+        f"  deployer {option}upgrade --dry-run pi-01     # read-only: shows the diff"
     )

@@ -31,13 +31,13 @@ ENV = {
 RECOMMENDED = {"validate"}
 
 
-def run_init(cwd) -> tuple[int, str, str]:
+def run_init(cwd, *global_options: str) -> tuple[int, str, str]:
     runner = CliRunner()
     with runner.isolation() as (out, err, _):
         old = os.getcwd()
         os.chdir(cwd)
         try:
-            main(["init"])
+            main([*global_options, "init"])
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -139,3 +139,13 @@ def test_init_twice_refuses_the_second_time(tmp_path):
 
     assert code == 2 and "deployer.toml already exists" in err
     assert (tmp_path / "deployer.toml").read_bytes() == before
+
+
+def test_init_with_inventory_option_writes_there_and_templates_beside_it(tmp_path):
+    code, out, _ = run_init(tmp_path, "-i", "fleet/prod.toml")
+
+    assert code == 0
+    assert "deployer -i fleet/prod.toml hosts" in out
+    assert not (tmp_path / "deployer.toml").exists()
+    inventory = load_inventory(tmp_path / "fleet" / "prod.toml", env=ENV)
+    assert inventory.hosts["pi-01"].template == (tmp_path / "fleet/templates/client.py.j2")
