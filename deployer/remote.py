@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import shlex
 import socket
 from dataclasses import dataclass
@@ -260,9 +259,21 @@ class SshRemote:
         return SshConnectError(f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name)
 
     def write_file(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` (a fresh temp path; the caller renames it)."""
+        """Write ``data`` to ``path`` (a fresh temp path; the caller renames it).
+
+        With ``sudo`` the SSH user cannot write beside a root-owned script: the
+        data goes to a temp file of the user's, then ``sudo mv`` puts it in place.
+        """
         if self._conn is None:
             raise SshConnectError("SSH session is not open", host=self.name)
+        if self.host.sudo:
+            tmp = self.run("mktemp", sudo=False).stdout.strip()
+            self._sftp_put(tmp, data)
+            self.run(sh("mv", tmp, path))
+            return
+        self._sftp_put(path, data)
+
+    def _sftp_put(self, path: str, data: bytes) -> None:
         try:
             if self._sftp is None:
                 self._sftp = self._conn.sftp()
@@ -281,16 +292,3 @@ class SshRemote:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def same_file_mode(mode: str) -> int:
-    return int(mode, 8)
-
-
-def local_user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in odd containers
-        return str(os.getuid())
