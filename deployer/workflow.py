@@ -288,6 +288,9 @@ class HostRun:
         r.write_file(p.guard, guard)
         mode = self.host.mode
         r.run(f"chmod {sh(mode)} {sh(p.staged)} && chmod 0700 {sh(p.guard)}")
+        if self.host.sudo:  # uploaded as the SSH user: give it the installed script's owner
+            script = sh(p.script_path)
+            r.run(f"if [ -e {script} ]; then chown --reference={script} {sh(p.staged)}; fi")
         sums = r.run(sh("sha256sum", p.staged, p.guard)).stdout.split()
         if sums[:1] != [self.new_sha] or sums[2:3] != [sha256_hex(guard)]:
             raise VerifyError(
