@@ -1,0 +1,367 @@
+"""Reusable test doubles for the single-host upgrade machinery.
+
+* :class:`LocalRemote` is the Remote protocol of ``deployer.remote`` on this
+  machine: commands run with ``/bin/sh -c``, files are written locally, so the
+  real guard really runs as a detached local process. It records every
+  command and can simulate a lost SSH session.
+* :class:`FakeApi` is an in-memory provider with the ProviderAPI methods the
+  workflow uses. Its "online" answer comes from a callable (e.g. "the
+  pidfile's process is alive"), it records the allow-clientless intervals
+  (like the simulator's exposures) and injects ApiErrors on given calls.
+* :func:`client_source` / :data:`CLIENT_TEMPLATE`: a tiny client for the
+  pidfile service kind (sleeps, exits 0 on SIGTERM; may crash at start or die
+  after N seconds).
+* :class:`ProcessReaper`: kills, by pid, every process whose command line or
+  working directory lies under a test's tmp dir (guards and clients).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.errors import ApiError, RemoteCommandError, SshConnectError
+from deployer.events import EventSink
+from deployer.remote import CommandResult
+
+PYTHON = sys.executable
+
+# --- the client program -----------------------------------------------------------
+
+# A jinja2 template (SPEC 3) of a pidfile-kind client. Vars: release, fail
+# ("" | "crash" | "die-after"), die_after (seconds).
+CLIENT_TEMPLATE = """\
+# test client, release {{ release }}
+import signal
+import sys
+import time
+
+FAIL = "{{ fail }}"
+DIE_AFTER = float("{{ die_after }}")
+
+
+def stop(signum, frame):
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+if FAIL == "crash":
+    sys.exit(3)
+start = time.time()
+while True:
+    if FAIL == "die-after" and time.time() - start > DIE_AFTER:
+        sys.exit(4)
+    time.sleep(0.05)
+"""
+
+
+def client_source(release: str = "1", fail: str = "", die_after: str = "1") -> bytes:
+    """The client program as :data:`CLIENT_TEMPLATE` renders it."""
+    import jinja2
+
+    text = jinja2.Template(CLIENT_TEMPLATE, keep_trailing_newline=True).render(
+        release=release, fail=fail, die_after=die_after
+    )
+    return text.encode("utf-8")
+
+
+def run_command(script_path: str | Path) -> str:
+    """The pidfile service's ``run`` command for a script, quoted."""
+    return f"{shlex.quote(PYTHON)} {shlex.quote(str(script_path))}"
+
+
+def start_client(script_path: str | Path, pidfile: str | Path, log: str | Path) -> int:
+    """Start the client detached (own session, reparented away from pytest), as
+    an init system would; write its pid to ``pidfile``; return the pid."""
+    cmd = (
+        f"{run_command(script_path)} </dev/null >>{shlex.quote(str(log))} 2>&1 & "
+        f"echo $! > {shlex.quote(str(pidfile))}"
+    )
+    subprocess.run(["setsid", "/bin/sh", "-c", cmd], check=True, timeout=10)
+    return read_pid(pidfile) or 0
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def read_pid(pidfile: str | Path) -> int | None:
+    try:
+        return int(Path(pidfile).read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def pidfile_alive(pidfile: str | Path) -> bool:
+    return pid_alive(read_pid(pidfile))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 8.0, every: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; AssertionError on timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(every)
+
+
+class ProcessReaper:
+    """Kill, by pid, the processes a test started under ``root`` (guards, clients)."""
+
+    def __init__(self, root: Path):
+        self.root = str(root).rstrip("/") + "/"
+
+    def ours(self) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if self.root in cmdline.decode("utf-8", "replace") or (cwd + "/").startswith(self.root):
+                found.append(int(entry))
+        return found
+
+    def kill_all(self) -> list[int]:
+        pids = self.ours()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return pids
+
+
+# --- the remote ---------------------------------------------------------------------
+
+
+class LocalRemote:
+    """The Remote protocol on the local machine (``/bin/sh -c``, local files)."""
+
+    def __init__(self, name: str = "local", *, lost: bool = False):
+        self.name = name
+        self.lost = lost
+        self.closed = False
+        self.commands: list[str] = []
+        self.writes: list[str] = []
+        self.lose_after: Callable[[str], bool] | None = None
+
+    def _alive(self, what: str) -> None:
+        if self.lost:
+            raise SshConnectError(f"SSH session lost (simulated) during {what}", host=self.name)
+        if self.closed:
+            raise SshConnectError("SSH session is not open", host=self.name)
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = 60.0,
+        check: bool = True,
+        sudo: bool | None = None,
+    ) -> CommandResult:
+        self._alive(command)
+        self.commands.append(command)
+        try:
+            proc = subprocess.run(
+                ["/bin/sh", "-c", command],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise RemoteCommandError(
+                f"remote command timed out after {timeout}s", host=self.name, command=command
+            ) from None
+        out = proc.stdout.decode("utf-8", "surrogateescape")
+        err = proc.stderr.decode("utf-8", "surrogateescape")
+        result = CommandResult(command, proc.returncode, out, err)
+        if self.lose_after is not None and self.lose_after(command):
+            self.lost = True
+        if check and not result.ok:
+            raise RemoteCommandError(
+                f"remote command failed (exit {proc.returncode}): {command}: {err.strip()}",
+                host=self.name,
+                command=command,
+                exit_status=proc.returncode,
+                output_tail=err.strip(),
+            )
+        return result
+
+    def write_file(self, path: str, data: bytes) -> None:
+        self._alive(f"upload to {path}")
+        self.writes.append(path)
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def ran(self, fragment: str) -> list[str]:
+        """The commands that contain ``fragment``."""
+        return [c for c in self.commands if fragment in c]
+
+
+@dataclass
+class RemoteFactory:
+    """A RunContext.remote_factory that hands out fresh LocalRemotes and keeps them."""
+
+    made: list[LocalRemote] = field(default_factory=list)
+    refuse: int = 0  # how many next calls raise SshConnectError (host unreachable)
+
+    def __call__(self, host: Any) -> LocalRemote:
+        if self.refuse > 0:
+            self.refuse -= 1
+            raise SshConnectError("SSH connect refused (simulated)", host=host.name, step="ssh")
+        remote = LocalRemote(host.name)
+        self.made.append(remote)
+        return remote
+
+    @property
+    def current(self) -> LocalRemote:
+        return self.made[-1]
+
+
+# --- the provider -----------------------------------------------------------------------
+
+
+@dataclass
+class Injection:
+    call: str
+    error: Callable[[], ApiError]
+    allow: bool | None = None  # only set_allow_clientless with this value
+    at: int = 1  # the nth matching call fails first
+    times: int = 1  # and this many in a row
+    seen: int = 0
+
+    def matches(self, call: str, allow: bool | None) -> bool:
+        if call != self.call or (self.allow is not None and allow is not self.allow):
+            return False
+        self.seen += 1
+        return self.at <= self.seen < self.at + self.times
+
+
+class FakeApi:
+    """An in-memory SSHReach provider with the ProviderAPI methods the workflow uses."""
+
+    def __init__(
+        self, online: Callable[[], bool] | None = None, clock: Callable[[], float] = time.time
+    ):
+        self.online = online or (lambda: True)
+        self.clock = clock
+        self.calls: list[tuple[str, str, bool | None]] = []  # (call, host, allow)
+        self.allow = False
+        self.exposures: list[list[float | None]] = []  # [t_open, t_close|None]
+        self.tunnel_open = False
+        self.injections: list[Injection] = []
+        self.on_call: Callable[[str, bool | None], None] | None = None
+        self._lock = threading.Lock()
+
+    def inject(
+        self,
+        call: str,
+        error: Callable[[], ApiError],
+        *,
+        allow: bool | None = None,
+        at: int = 1,
+        times: int = 1,
+    ) -> None:
+        """Make the ``at``-th matching call (and ``times - 1`` after it) raise ``error()``."""
+        self.injections.append(Injection(call, error, allow, at, times))
+
+    def _call(self, call: str, host: Any, allow: bool | None = None) -> None:
+        with self._lock:
+            self.calls.append((call, host.name, allow))
+        if self.on_call is not None:
+            self.on_call(call, allow)
+        for rule in self.injections:
+            if rule.matches(call, allow):
+                raise rule.error()
+
+    # -- the ProviderAPI surface ----------------------------------------------------------
+
+    def client_status(self, host: Any) -> bool:
+        self._call("client_status", host)
+        return bool(self.online())
+
+    def connect(self, host: Any) -> None:
+        self._call("connect", host)
+        self.tunnel_open = True
+
+    def disconnect(self, host: Any) -> None:
+        self._call("disconnect", host)
+        self.tunnel_open = False
+
+    def set_allow_clientless(self, host: Any, allow: bool, *, retry: Any = None) -> None:
+        self._call("set_allow_clientless", host, allow)
+        if allow and not self.allow:
+            self.exposures.append([self.clock(), None])
+        elif not allow and self.allow:
+            self.exposures[-1][1] = self.clock()
+        self.allow = allow
+
+    def calls_for(self, name: str) -> int:
+        with self._lock:
+            return sum(1 for _, host, _ in self.calls if host == name)
+
+    # -- what the tests look at -------------------------------------------------------------
+
+    def count(self, call: str) -> int:
+        return sum(1 for c, _, _ in self.calls if c == call)
+
+    @property
+    def window_open(self) -> bool:
+        return self.allow
+
+
+class Recorder(EventSink):
+    """An EventSink that records step events and runs hooks when a step starts."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.finished: list[tuple[str, str]] = []
+        self.messages: list[str] = []
+        self.hooks: dict[str, Callable[[], None]] = {}
+
+    def step_started(self, host: str, step: str, facts: dict[str, Any] | None = None) -> None:
+        self.started.append(step)
+        hook = self.hooks.pop(step, None)
+        if hook is not None:
+            hook()
+
+    def step_finished(self, host, step, status, seconds, facts=None) -> None:  # noqa: ANN001
+        self.finished.append((step, status))
+
+    def message(self, host: str | None, text: str) -> None:
+        self.messages.append(text)

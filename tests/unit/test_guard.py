@@ -1,0 +1,274 @@
+"""The on-host guard, run for real as a detached local process (SPEC 4, the guard).
+
+Each test renders the guard with a config pointing into tmp_path, starts it
+with ``python guard.py --detach`` and follows its status file. The guard's own
+provider calls are off (``api: None``); the e2e tests cover them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deployer.plan import render_guard
+from tests.doubles import (
+    PYTHON,
+    ProcessReaper,
+    client_source,
+    pid_alive,
+    pidfile_alive,
+    read_pid,
+    run_command,
+    start_client,
+    wait_for,
+)
+
+pytestmark = pytest.mark.unit
+
+OLD = client_source("old")
+NEW = client_source("new")
+
+
+@pytest.fixture
+def reaper(tmp_path):
+    reaper = ProcessReaper(tmp_path)
+    yield reaper
+    reaper.kill_all()
+
+
+class Host:
+    """A host's files under one directory, the old client running."""
+
+    def __init__(self, root: Path, script_name: str = "client.py"):
+        self.root = root
+        self.script = root / script_name
+        self.pidfile = root / "client.pid"
+        self.run_dir = root / ".deployer" / "runs" / "R1"
+        self.run_dir.mkdir(parents=True)
+        self.staged = self.run_dir / "new-script"
+        self.backup = root / ".deployer" / "backups" / "client.py.bak"
+        self.status_path = self.run_dir / "status"
+
+    def install_old(self, data: bytes = OLD) -> int:
+        self.script.write_bytes(data)
+        return start_client(self.script, self.pidfile, self.root / "old.log")
+
+    def config(self, **over) -> dict:
+        cfg = {
+            "run_dir": str(self.run_dir),
+            "script_path": str(self.script),
+            "staged_path": str(self.staged),
+            "backup_path": str(self.backup),
+            "service": {
+                "kind": "pidfile",
+                "pidfile": str(self.pidfile),
+                "run": run_command(self.script),
+                "log": str(self.root / "client.log"),
+            },
+            "deadline": 30.0,
+            "soak_deadline": 10.0,
+            "api": None,
+        }
+        cfg.update(over)
+        return cfg
+
+    def start_guard(self, new: bytes = NEW, **over) -> int:
+        self.staged.write_bytes(new)
+        guard = self.run_dir / "guard.py"
+        guard.write_bytes(render_guard(self.config(**over)))
+        out = subprocess.run(
+            [PYTHON, "guard.py", "--detach"],
+            cwd=self.run_dir,
+            capture_output=True,
+            check=True,
+            timeout=10,
+        )
+        return int(out.stdout.decode().strip())
+
+    def lines(self) -> list[dict]:
+        try:
+            text = self.status_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    def states(self) -> list[str]:
+        return [line["state"] for line in self.lines()]
+
+    def wait_state(self, state: str, timeout: float = 8.0) -> dict:
+        def seen():
+            return next((ln for ln in self.lines() if ln["state"] == state), None)
+
+        return wait_for(seen, timeout)
+
+    def touch(self, name: str) -> None:
+        (self.run_dir / name).touch()
+
+
+@pytest.fixture
+def host(tmp_path, reaper):
+    return Host(tmp_path / "host")
+
+
+def test_clean_swap_then_commit(host):
+    old_pid = host.install_old()
+    guard_pid = host.start_guard()
+    started = host.wait_state("started")
+    assert host.script.read_bytes() == NEW
+    assert host.backup.read_bytes() == OLD
+    assert not host.staged.exists()
+    assert not pid_alive(old_pid)
+    new_pid = started["client_pid"]
+    assert new_pid == read_pid(host.pidfile) and pid_alive(new_pid)
+    host.touch("commit")
+    host.wait_state("committed")
+    wait_for(lambda: not pid_alive(guard_pid))
+    assert host.states() == ["running", "backed_up", "stopped", "swapped", "started", "committed"]
+    assert pid_alive(new_pid)  # the committed client stays
+    assert host.script.read_bytes() == NEW
+
+
+def test_revert_on_request_restores_old_script_byte_for_byte(host):
+    old = OLD + b"# \xc3\xa9 trailing bytes \\ ' \"\n"
+    host.install_old(old)
+    host.start_guard()
+    new_pid = host.wait_state("started")["client_pid"]
+    host.touch("revert")
+    done = host.wait_state("reverted")
+    assert done["ok"] is True and done["window_closed"] is False  # no api in unit tests
+    assert host.script.read_bytes() == old
+    assert not pid_alive(new_pid)
+    restored = host.wait_state("restored")["client_pid"]
+    assert restored == read_pid(host.pidfile) and pid_alive(restored)
+    reverting = host.wait_state("reverting")
+    assert reverting["reason"] == "deployer asked for a revert"
+
+
+def test_revert_when_the_new_client_crashes(host):
+    host.install_old()
+    host.start_guard(new=client_source("new", fail="crash"))
+    reverting = host.wait_state("reverting")
+    assert reverting["reason"] == "the new client's process exited"
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+    assert pidfile_alive(host.pidfile)
+    assert "committed" not in host.states()
+
+
+def test_revert_at_the_deadline_without_commit(host):
+    host.install_old()
+    host.start_guard(deadline=1.0)
+    reverting = host.wait_state("reverting")
+    assert reverting["reason"] == "deadline passed without a commit"
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+    assert pidfile_alive(host.pidfile)
+
+
+def test_first_life_tightens_the_deadline_to_the_soak_deadline(host):
+    host.install_old()
+    host.start_guard(deadline=60.0, soak_deadline=0.5)
+    host.wait_state("started")
+    host.touch("firstlife")
+    first = host.wait_state("first_life")
+    assert 0 < first["deadline_in"] <= 0.5
+    # without the tightening the guard would wait the whole 60 s deadline
+    reverting = host.wait_state("reverting", timeout=6.0)
+    assert reverting["reason"] == "deadline passed without a commit"
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+
+
+def test_first_life_never_extends_the_deadline(host):
+    host.install_old()
+    host.start_guard(deadline=1.5, soak_deadline=60.0)
+    host.wait_state("started")
+    host.touch("firstlife")
+    first = host.wait_state("first_life")
+    assert first["deadline_in"] <= 1.5
+    assert host.wait_state("reverting", timeout=6.0)["reason"].startswith("deadline")
+
+
+def test_sigterm_makes_the_guard_revert(host):
+    host.install_old()
+    guard_pid = host.start_guard()
+    host.wait_state("started")
+    os.kill(guard_pid, signal.SIGTERM)
+    assert host.wait_state("reverting")["reason"] == "the guard was terminated"
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+
+
+def test_the_guard_deletes_its_own_file(host):
+    host.install_old()
+    host.start_guard()
+    host.wait_state("running")
+    assert not (host.run_dir / "guard.py").exists()  # it holds API credentials
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+def test_every_status_line_is_json_with_state_time_and_pid(host):
+    host.install_old()
+    guard_pid = host.start_guard()
+    host.wait_state("started")
+    host.touch("revert")
+    host.wait_state("reverted")
+    raw = host.status_path.read_text()
+    assert raw.endswith("\n")
+    lines = [json.loads(line) for line in raw.splitlines()]
+    assert [ln["state"] for ln in lines] == [
+        "running",
+        "backed_up",
+        "stopped",
+        "swapped",
+        "started",
+        "reverting",
+        "restored",
+        "reverted",
+    ]
+    assert all(ln["pid"] == guard_pid and isinstance(ln["t"], float) for ln in lines)
+    assert [ln["t"] for ln in lines] == sorted(ln["t"] for ln in lines)
+
+
+def test_no_installed_script_is_backed_up_as_none(host):
+    host.start_guard()
+    assert host.wait_state("backed_up")["backup"] is None
+    host.wait_state("started")
+    assert host.script.read_bytes() == NEW
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+HOSTILE_NAMES = [
+    "with space.py",
+    'it\'s "quoted".py',
+    "$(touch pwned).py",
+    "`touch pwned2`;x.py",
+    "ünï cødé ✓.py",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_script_paths_are_handled_literally(tmp_path, reaper, name):
+    root = tmp_path / "dir $(touch evil) 'q'"
+    root.mkdir()
+    host = Host(root, script_name=name)
+    host.install_old()
+    host.start_guard()
+    new_pid = host.wait_state("started")["client_pid"]
+    assert pid_alive(new_pid)
+    assert host.script.read_bytes() == NEW
+    host.touch("revert")
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+    assert pidfile_alive(host.pidfile)
+    cmdline = Path(f"/proc/{read_pid(host.pidfile)}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[1] == str(host.script).encode()
+    made = {p.name for p in tmp_path.rglob("*")}
+    assert not made & {"pwned", "pwned2", "evil", "x.py"}
