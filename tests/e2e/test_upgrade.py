@@ -1,0 +1,408 @@
+"""``deployer upgrade HOST`` / ``deployer rollback HOST`` end to end, through
+the CLI as a subprocess, against the sandbox (SPEC 4, 5, 7).
+
+Every outcome is checked twice: in deployer's ``--json`` report and in the
+simulator's independent ``/sandbox/state`` (which script runs, the window,
+the tunnel, the exposure intervals, the API call counters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.sandbox import processes
+from tests.sandbox_fixture import Sandbox, requires_openssh
+
+pytestmark = pytest.mark.e2e
+
+SPEC_STEPS = [
+    "preflight",
+    "tunnel",
+    "ssh",
+    "lock",
+    "inspect",
+    "stage",
+    "open_window",
+    "swap",
+    "first_life",
+    "close_window",
+    "soak",
+    "commit",
+    "cleanup",
+]
+SSHD_KINDS = [
+    pytest.param("embedded", id="embedded"),
+    pytest.param("openssh", id="openssh", marks=[pytest.mark.openssh, requires_openssh]),
+]
+END_STATE_WAIT = 8.0  # seconds for the old client's next heartbeats to reach the simulator
+
+
+# --- helpers (also used by test_hostile) -------------------------------------------------
+
+
+def run_json(sb: Sandbox, command: str, host: str, *args: str) -> tuple[int, dict, str]:
+    """``deployer COMMAND HOST --json ARGS…`` -> (exit code, its one host's report, stderr)."""
+    code, out, err = sb.run_cli(command, host, "--json", *args)
+    assert out.strip(), f"no JSON report on stdout (exit {code}); stderr:\n{err}"
+    report = json.loads(out)
+    assert [h["host"] for h in report["hosts"]] == [host], report
+    return code, report["hosts"][0], err
+
+
+def upgrade(sb: Sandbox, host: str, *args: str) -> tuple[int, dict, str]:
+    return run_json(sb, "upgrade", host, *args)
+
+
+def rendered(sb: Sandbox, host: str, *var_args: str) -> bytes:
+    """The exact script deployer would install (``deployer render --output``, SPEC 3)."""
+    out = sb.dir / f"rendered-{host}.py"
+    code, stdout, err = sb.run_cli("render", host, "--output", str(out), *var_args)
+    assert code == 0, err
+    data = out.read_bytes()
+    out.unlink()
+    assert stdout.split()[0] == hashlib.sha256(data).hexdigest(), stdout
+    return data
+
+
+def rendered_sha(sb: Sandbox, host: str, *var_args: str) -> str:
+    return hashlib.sha256(rendered(sb, host, *var_args)).hexdigest()
+
+
+def calls(sb: Sandbox, host: str) -> dict[str, int]:
+    return dict(sb.host(host)["api_calls"])
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def wait_running(sb: Sandbox, host: str, sha: str) -> dict[str, Any]:
+    """The simulator's host state once ``sha`` heartbeats online (fails after a while)."""
+    sb.client.wait_for(
+        [host],
+        lambda h: h["online"] and h["script_sha256"] == sha,
+        END_STATE_WAIT,
+        f"running {sha[:12]}",
+    )
+    return sb.host(host)
+
+
+def assert_window_shut(state: dict[str, Any]) -> None:
+    """allow-clientless false, every exposure interval closed, our tunnel closed."""
+    assert state["allow_clientless"] is False, state
+    assert all(t_close is not None for _, t_close in state["exposures"]), state["exposures"]
+    assert state["tunnel_open"] is False, state
+
+
+def assert_rolled_back(sb: Sandbox, host: str, code: int, report: dict, old_sha: str) -> None:
+    assert (code, report["result"]) == (1, "rolled_back"), report
+    assert report["error"] is not None and report["error"]["type"], report
+    assert report["old_sha256"] == old_sha
+    state = wait_running(sb, host, old_sha)
+    assert_window_shut(state)
+    pid = sb.client_pid(host)
+    assert pid and processes.alive(pid)
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=SSHD_KINDS)
+def fleet(request, module_sandbox_factory) -> Sandbox:
+    """One fleet per SSH server; each test below takes hosts of its own."""
+    return module_sandbox_factory(hosts=3, sshd=request.param)
+
+
+@pytest.fixture(scope="module")
+def faults_fleet(module_sandbox_factory) -> Sandbox:
+    """Embedded fleet for the rollback rehearsals: one host per failure kind.
+    ``sandbox_fail`` is a var of the run, not a simulator fault, so they share."""
+    return module_sandbox_factory(hosts=4)
+
+
+# --- the happy path, with both SSH servers -------------------------------------------------
+
+
+def test_upgrade_installs_the_new_script_with_one_short_window_and_a_rerun_is_unchanged(fleet):
+    host = "sbx-01"
+    before = sb_state = fleet.host(host)
+    old_sha = sb_state["script_sha256"]
+    new_sha = rendered_sha(fleet, host, "--var", "release=2")
+    assert new_sha != old_sha
+
+    code, report, err = upgrade(fleet, host, "--var", "release=2")
+
+    assert code == 0, err
+    assert report["result"] == "upgraded", report
+    assert (report["old_sha256"], report["new_sha256"]) == (old_sha, new_sha)
+    assert [s["step"] for s in report["steps"]] == SPEC_STEPS
+    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
+    assert report["error"] is None
+    assert report["exposure_seconds"] > 0
+    after = wait_running(fleet, host, new_sha)
+    assert_window_shut(after)
+    exposures = after["exposures"][len(before["exposures"]) :]
+    assert len(exposures) == 1, after["exposures"]
+    ((t_open, t_close),) = exposures
+    assert t_close > t_open
+    made = delta(before["api_calls"], after["api_calls"])
+    assert report["api_calls"] == sum(made.values()), (report["api_calls"], made)
+    assert made["set_allow_clientless"] == 2 and made["connect"] == 1 == made["disconnect"]
+
+    # the second run finds the same script: nothing to do, the window never opens
+    code, again, err = upgrade(fleet, host, "--var", "release=2")
+
+    assert code == 0, err
+    assert again["result"] == "unchanged", again
+    assert again["old_sha256"] == new_sha
+    final = fleet.host(host)
+    assert delta(after["api_calls"], final["api_calls"])["set_allow_clientless"] == 0
+    assert final["exposures"] == after["exposures"]
+    assert final["script_sha256"] == new_sha
+    assert_window_shut(final)
+
+
+def test_rollback_after_an_upgrade_restores_the_previous_script(fleet):
+    host = "sbx-02"
+    original = fleet.host(host)["script_sha256"]
+    code, report, err = upgrade(fleet, host, "--var", "release=2")
+    assert (code, report["result"]) == (0, "upgraded"), err
+    wait_running(fleet, host, report["new_sha256"])
+
+    code, back, err = run_json(fleet, "rollback", host)
+
+    assert code == 0, err
+    assert back["result"] == "upgraded", back  # a rollback is an upgrade to the backup
+    assert (back["old_sha256"], back["new_sha256"]) == (report["new_sha256"], original)
+    state = wait_running(fleet, host, original)
+    assert_window_shut(state)
+    assert (fleet.host_dir(host) / "client.py").read_bytes()
+    assert fleet.host(host)["script_sha256"] == original
+
+
+# --- rollbacks rehearsed with the sandbox client's failure modes ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "fail_args"),
+    [
+        pytest.param("sbx-01", ["--var", "sandbox_fail=crash"], id="crash"),
+        pytest.param("sbx-02", ["--var", "sandbox_fail=silent", "--stable-for", "1"], id="silent"),
+        pytest.param(
+            "sbx-03",
+            ["--var", "sandbox_fail=die-after", "--var", "sandbox_die_after=1"]
+            + ["--stable-for", "3"],
+            id="die-after",
+        ),
+    ],
+)
+def test_a_failing_new_client_is_rolled_back_to_the_old_one(faults_fleet, host, fail_args):
+    sb = faults_fleet
+    old_sha = sb.host(host)["script_sha256"]
+
+    code, report, err = upgrade(sb, host, "--var", "release=bad", *fail_args)
+
+    assert_rolled_back(sb, host, code, report, old_sha)
+    assert (sb.host_dir(host) / "client.py").read_bytes() and report["new_sha256"] != old_sha
+    assert "rollback" in [s["step"] for s in report["steps"]]
+
+
+def _last_step(journal: Path, host: str) -> tuple[str, str] | None:
+    if not journal.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=1)
+        try:
+            row = conn.execute(
+                "SELECT step, phase FROM steps WHERE host = ? ORDER BY id DESC LIMIT 1", (host,)
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # created but not migrated yet
+        return None
+    return tuple(row) if row else None
+
+
+def test_sigterm_during_the_soak_rolls_back_and_exits_130(faults_fleet):
+    sb, host = faults_fleet, "sbx-04"
+    old_sha = sb.host(host)["script_sha256"]
+    new_sha = rendered_sha(sb, host, "--var", "release=term")
+    journal = sb.inventory.parent / ".deployer" / "journal.sqlite3"
+    argv = [sys.executable, "-m", "deployer", "-i", str(sb.inventory), "upgrade", host]
+    argv += ["--json", "--var", "release=term", "--stable-for", "8"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while _last_step(journal, host) != ("soak", "begin"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the soak never began"
+            time.sleep(0.05)
+        # the simulator agrees: the new script runs and the window has closed
+        state = sb.host(host)
+        assert state["script_sha256"] == new_sha and state["exposures"][-1][1] is not None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, err
+    (report,) = json.loads(out)["hosts"]
+    assert report["result"] == "rolled_back", report
+    assert report["error"]["step"] == "soak", report["error"]
+    state = wait_running(sb, host, old_sha)
+    assert_window_shut(state)
+
+
+# --- the provider misbehaves -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("faults", "bites"),
+    [
+        pytest.param({"fail_rate": 0.2}, lambda calls: calls["fail"] > 0, id="502s"),
+        pytest.param({"rate_limit": 3}, lambda calls: calls["by_code"].get("22", 0) > 0, id="22s"),
+    ],
+)
+def test_api_faults_are_retried_and_the_fleet_still_upgrades(sandbox_factory, faults, bites):
+    sb = sandbox_factory(hosts=3)
+    sb.client.reset_counters()
+    sb.set_faults(**faults)
+
+    code, out, err = sb.run_cli("upgrade", "all", "--parallel", "3", "--json", "--var", "release=2")
+
+    state = sb.state()
+    # with 3 hosts about 30 calls: P(no 502 at 20 %) = 0.8**30 < 0.2 %
+    assert bites(state["calls"]), state["calls"]
+    assert code == 0, err
+    report = json.loads(out)
+    assert [h["result"] for h in report["hosts"]] == ["upgraded"] * 3, report
+    for h in report["hosts"]:
+        assert state["hosts"][h["host"]]["script_sha256"] in (h["new_sha256"], h["old_sha256"])
+    sb.set_faults(fail_rate=0.0, rate_limit=50.0)
+    for h in report["hosts"]:
+        assert_window_shut(wait_running(sb, h["host"], h["new_sha256"]))
+
+
+# --- refused before anything changes ---------------------------------------------------------
+
+
+BAD_TEMPLATES = {
+    "undefined": "print({{ undefined_name }})\n",
+    "syntax": "print({{ release }\n",
+}
+
+
+@pytest.fixture(scope="module")
+def quiet_fleet(module_sandbox_factory) -> Sandbox:
+    return module_sandbox_factory(hosts=2)
+
+
+@pytest.mark.parametrize(
+    "case", ["undefined", "syntax", "missing-var", "missing-template"], ids=str
+)
+def test_a_template_error_exits_2_before_any_api_call(quiet_fleet, tmp_path, case):
+    sb = quiet_fleet
+    sb.client.reset_counters()
+    args = ["upgrade", "sbx-01", "--json", "--var", "release=2"]
+    if case in BAD_TEMPLATES:
+        template = tmp_path / "bad.py.j2"
+        template.write_text(BAD_TEMPLATES[case])
+        args += ["--template", str(template)]
+    elif case == "missing-template":
+        args += ["--template", str(tmp_path / "nowhere.py.j2")]
+    else:
+        sb = without_sandbox_url(sb)
+
+    code, out, err = sb.run_cli(*args)
+
+    assert code == 2, (out, err)
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    if case == "undefined":
+        assert "undefined_name" in err
+    state = sb.state()
+    assert state["calls"]["requests"] == 0, state["calls"]
+    assert all(sum(h["api_calls"].values()) == 0 for h in state["hosts"].values())
+
+
+def without_sandbox_url(sb: Sandbox) -> Sandbox:
+    """The sandbox with an inventory that lacks the var ``sandbox_url`` its template needs
+    (beside the original, so the template path still resolves)."""
+    text = sb.inventory.read_text()
+    broken = sb.dir / "missing-var.toml"
+    broken.write_text(text.replace('sandbox_url = "', 'unused_url = "', 1))
+    assert broken.read_text() != text
+    return Sandbox(sb.dir, broken, sb.info, sb.client)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="deployer/render.py: `{{ name | tojson }}` on a missing var raises TypeError "
+    "(StrictUndefined is not JSON serializable) instead of UndefinedError, so the message "
+    "names the template line but not the missing var",
+)
+def test_a_missing_var_is_named_in_the_error(quiet_fleet):
+    code, out, err = without_sandbox_url(quiet_fleet).run_cli("upgrade", "sbx-01", "--json")
+
+    assert code == 2, err
+    assert "sandbox_url" in err and "undefined" in err, err
+
+
+def test_a_changed_host_key_is_refused_before_the_window_opens(quiet_fleet):
+    sb, host = quiet_fleet, "sbx-02"
+    port = sb.info.ssh_ports[host]
+    known_hosts = sb.dir / "known_hosts"
+    original = known_hosts.read_text()
+    impostor, impostor_fingerprint = _impostor_key()
+    name = f"[127.0.0.1]:{port}"
+    lines = [f"{name} {impostor}" if ln.split()[0] == name else ln for ln in original.splitlines()]
+    assert lines != original.splitlines()
+    known_hosts.write_text("\n".join(lines) + "\n")
+    before = sb.host(host)
+    try:
+        code, report, err = upgrade(sb, host, "--var", "release=2")
+    finally:
+        known_hosts.write_text(original)
+
+    assert code == 1, err
+    assert report["result"] == "failed", report
+    assert report["error"]["step"] == "ssh" and report["error"]["type"] == "HostKeyError"
+    message = report["error"]["message"]
+    assert str(known_hosts) in message, message
+    assert impostor_fingerprint in message, message
+    after = sb.host(host)
+    assert delta(before["api_calls"], after["api_calls"])["set_allow_clientless"] == 0
+    assert after["exposures"] == before["exposures"]
+    assert after["script_sha256"] == before["script_sha256"]
+    assert_window_shut(after)
+
+
+def _impostor_key() -> tuple[str, str]:
+    """A fresh ed25519 host key: (its known_hosts "type base64" part, its SHA256 fingerprint)."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    kind, b64 = line.decode().split()[:2]
+    digest = hashlib.sha256(base64.b64decode(b64)).digest()
+    return f"{kind} {b64}", "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
