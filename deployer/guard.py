@@ -3,11 +3,16 @@
 This file is uploaded to the host (stdlib only, Python >= 3.6 there) with
 its per-run configuration injected where ``CONFIG`` is defined; see
 :func:`deployer.plan.render_guard`. Started with ``--detach`` it
-forks into its own session and prints its pid, so deployer starts the whole
-swap in one SSH round trip.
+forks into its own session and prints its pid; deployer starts it before the
+window opens, so the swap itself is one SSH round trip (``touch go``) inside
+the window, and a deployer killed right after opening the window still has
+a guard on the host that closes it.
 
 What it does, writing one JSON line per step to ``run_dir/status``:
 
+0. ``armed``      started before the window opens, it waits for ``run_dir/go``
+                  (deployer's swap step); no go by ``go_deadline`` or a
+                  ``revert`` -> ``aborted`` (nothing changed), window closed;
 1. ``backed_up``  copy the installed script to the backup path;
 2. ``stopped``    stop the running client and check that it stopped;
 3. ``swapped``    rename the staged script over the installed one (atomic);
@@ -41,6 +46,7 @@ import urllib.request
 CONFIG = {}  # replaced per run by deployer.plan.render_guard
 
 POLL = 0.1  # seconds between looks at the control files and the client
+GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window
 STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
 REVERT_ONLINE_WAIT = 30.0  # seconds to wait for the restored client to be online
 CLOSE_WINDOW_FOR = 90.0  # seconds to keep retrying set_allow_clientless(false)
@@ -71,6 +77,8 @@ class Guard:
 
     def run(self):
         cfg = self.cfg
+        if not self.wait_for_go():
+            return 1
         started = time.time()
         self.status("running", deadline=cfg["deadline"])
         backup = self.backup()
@@ -92,6 +100,28 @@ class Guard:
             return self.watch(started, backup)
         except Exception as exc:  # noqa: BLE001 - any surprise before commit: undo
             return self.revert("guard error: %s: %s" % (type(exc).__name__, exc), backup)
+
+    def wait_for_go(self):
+        """Armed before the window opens; the swap starts when ``go`` appears.
+
+        Without ``go`` by ``go_deadline`` (deployer gone between opening the
+        window and the swap), or on ``revert``, give up: nothing was changed,
+        and the window deployer may have opened is closed.
+        """
+        self.status("armed", go_deadline=self.cfg["go_deadline"])
+        end = time.time() + self.cfg["go_deadline"]
+        while not self.control("go"):
+            reason = None
+            if self.control("revert") or self.terminated:
+                reason = "disarmed before the swap"
+            elif time.time() > end:
+                reason = "no go from deployer before the go deadline"
+            if reason:
+                closed = self.close_window()
+                self.status("aborted", reason=reason, changed=False, window_closed=closed)
+                return False
+            time.sleep(GO_POLL)
+        return True
 
     def backup(self):
         script, backup = self.cfg["script_path"], self.cfg["backup_path"]

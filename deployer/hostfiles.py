@@ -79,7 +79,8 @@ class LockInfo:
 
 def remote_sha256(remote: Remote, path: str) -> str | None:
     """sha256 of a remote file, or None if it does not exist."""
-    res = remote.run(f"if [ -f {sh(path)} ]; then sha256sum {sh(path)}; else echo MISSING; fi")
+    # from stdin: sha256sum escapes odd file names (backslash, newline) in its output
+    res = remote.run(f"if [ -f {sh(path)} ]; then sha256sum < {sh(path)}; else echo MISSING; fi")
     out = res.stdout.strip()
     if out == "MISSING":
         return None

@@ -19,6 +19,7 @@ from deployer.model import HostConfig, Inventory
 
 SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life,
 # plus two API timeouts: the soak ends with a client_status call that may be retried
+GO_DEADLINE = 60.0  # seconds an armed guard waits for the swap's go (window opening)
 GUARD_EXTRA = 60.0  # default guard deadline = online_timeout + stable_for + this
 
 
@@ -126,6 +127,7 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
         "service": plan.service,
         "deadline": plan.guard_deadline,
         "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * host.timeout,
+        "go_deadline": min(plan.guard_deadline, GO_DEADLINE),
         "api": {
             "url": host.api_url,
             "timeout": host.timeout,

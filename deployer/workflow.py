@@ -60,6 +60,7 @@ STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, 
 SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
 REVERT_WAIT = 90.0  # seconds for the guard to finish a revert
+DISARM_WAIT = 10.0  # seconds for an armed guard to give up when asked
 REATTACH_EVERY = 2.0  # seconds between attempts to reach a host again
 REATTACH_MARGIN = 60.0  # past the guard's deadline, give up reaching the host
 
@@ -108,6 +109,7 @@ class HostRun:
         self.exposure = 0.0
         self.swap_at = 0.0
         self.guard_pid: int | None = None
+        self.guard_armed = False
         self.backup_path: str | None = None
 
     # -- the run ------------------------------------------------------------------
@@ -122,6 +124,7 @@ class HostRun:
         self.committed = bool(facts.get("committed"))
         self.tunnel_opened = bool(facts.get("tunnel_opened"))
         self.locked = bool(facts.get("lock_maybe_held"))
+        self.guard_armed = bool(facts.get("guard_armed"))
         self.old_sha = facts.get("old_sha256")
         self.new_sha = facts.get("new_sha256")
         self.backup_path = facts.get("backup_path")
@@ -291,7 +294,8 @@ class HostRun:
         if self.host.sudo:  # uploaded as the SSH user: give it the installed script's owner
             script = sh(p.script_path)
             r.run(f"if [ -e {script} ]; then chown --reference={script} {sh(p.staged)}; fi")
-        sums = r.run(sh("sha256sum", p.staged, p.guard)).stdout.split()
+        # read from stdin: sha256sum escapes odd file names in its output
+        sums = r.run(f"sha256sum < {sh(p.staged)} && sha256sum < {sh(p.guard)}").stdout.split()
         if sums[:1] != [self.new_sha] or sums[2:3] != [sha256_hex(guard)]:
             raise VerifyError(
                 f"staged files on {self.host.name} do not match what was sent "
@@ -306,6 +310,21 @@ class HostRun:
                     f"{(res.stderr or res.stdout).strip()[-300:]}",
                     host=self.host.name,
                 )
+        self._arm_guard()
+
+    def _arm_guard(self) -> None:
+        """Start the guard before the window opens; it waits for ``go`` (the swap)."""
+        self._note(guard_armed=True)
+        self.guard_armed = True
+        res = self.remote.run(
+            f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
+        )
+        try:
+            self.guard_pid = int(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise GuardError(
+                f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host.name
+            ) from None
 
     def _open_window(self) -> None:
         self._note(window_maybe_open=True)
@@ -316,15 +335,7 @@ class HostRun:
         self._note(swap_started=True)
         self.swap_started = True
         self.swap_at = self.clock.now()
-        res = self.remote.run(
-            f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
-        )
-        try:
-            self.guard_pid = int(res.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise GuardError(
-                f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host.name
-            ) from None
+        self.remote.run(sh("touch", self.paths.control("go")))
 
     def _first_life(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
@@ -437,15 +448,32 @@ class HostRun:
         return outcome
 
     def _undo_before_swap(self) -> Outcome:
+        outcome = Outcome.FAILED
+        if self.guard_armed:
+            try:
+                self._disarm()
+            except DeployerError as exc:
+                self._message(f"could not disarm the guard (it gives up by itself): {exc}")
         if self.window_open_since is not None:
             try:
                 self._shut_window()
             except DeployerError as exc:
                 self._message(f"could not close the allow-clientless window: {exc}")
-                return Outcome.UNSAFE
-        return Outcome.FAILED
+                outcome = Outcome.UNSAFE
+        return outcome
+
+    def _disarm(self) -> None:
+        """Stop an armed guard before the lock goes: it must not act on a later run."""
+        self.remote.run(sh("touch", self.paths.control("revert")))
+        end = self.clock.now() + DISARM_WAIT
+        while self._guard_last().get("state") not in FINAL_GUARD_STATES:
+            if self.clock.now() > end:
+                raise GuardError("the guard did not confirm it was disarmed", host=self.host.name)
+            self.clock.sleep(GUARD_POLL)
 
     def _revert(self) -> Outcome:
+        if self.committed:
+            return Outcome.UPGRADED  # the guard has let go: the new script stays
         try:
             if not self._ssh_alive():
                 self._shut_window_quietly()
@@ -474,10 +502,15 @@ class HostRun:
     def _recover(self) -> Outcome:
         if self.window_open_since is not None:
             self._shut_window()  # first of all: no window left open
-        if self.swap_started or self.committed:
+        if self.committed:
+            self._reattach()  # to release the lock and clean up; the upgrade stands
+            return Outcome.UPGRADED
+        if self.swap_started:
             return self._revert()  # reads the guard: committed, reverted, or revert now
-        if self.locked:
-            self._reattach()  # only to release the lock and the staged files
+        if self.guard_armed or self.locked:
+            self._reattach()  # to disarm the guard, release the lock, remove staged files
+            if self.guard_armed:
+                self._disarm()
         return Outcome.FAILED
 
     def _installed(self) -> str | None:
