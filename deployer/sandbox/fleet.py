@@ -51,7 +51,7 @@ TEMPLATE_NAME = "sandbox-client.py.j2"
 INVENTORY_FILE = "deployer.toml"
 STATE_FILE = "state.json"
 GROUP = "sandbox"
-MAX_HOSTS = 500
+MAX_HOSTS = 1000
 # The pidfile service's run command; the guard starts it as `sh -c "exec " + run`.
 RUN_COMMAND = "python3 {{ script_path | quote }}"
 RUNNER_START_TIMEOUT = 20.0
@@ -143,9 +143,13 @@ def up(
     garbage_rate: float = 0.0,
     offline_after: float = DEFAULT_OFFLINE_AFTER,
     wait_timeout: float = 30.0,
+    clients: bool = True,
 ) -> SandboxInfo:
     """Start a sandbox in ``dir`` with release 1 running on every host; return it
-    once every client is online. Raises SandboxRunning if one already runs there."""
+    once every client is online. Raises SandboxRunning if one already runs there.
+
+    ``clients=False`` starts the simulator and SSH server only (no client
+    process, every host offline until something heartbeats for it): benchmarks."""
     root = Path(dir).expanduser().resolve()
     _check_options(hosts, sshd, api_latency, rate_limit, fail_rate, garbage_rate, offline_after)
     running = _running_info(root)
@@ -161,7 +165,7 @@ def up(
         "offline_after": offline_after,
     }
     try:
-        return _start(root, hosts, sshd, faults, wait_timeout)
+        return _start(root, hosts, sshd, faults, wait_timeout if clients else None)
     except BaseException:
         down(root)
         raise
@@ -221,7 +225,7 @@ def _user_home() -> tuple[str, str]:
 
 
 def _start(
-    root: Path, count: int, sshd: str, faults: dict[str, Any], wait_timeout: float
+    root: Path, count: int, sshd: str, faults: dict[str, Any], wait_timeout: float | None
 ) -> SandboxInfo:
     for sub in ("hosts", "logs", "templates"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -248,9 +252,11 @@ def _start(
     _write_private(inventory, inventory_text(root, config, runner["base_url"]))
     names = [h["name"] for h in config["hosts"]]
     _install_release(root, inventory, names)
-    _start_clients(root, names, user, home)
     info = _info(root, config, runner)
     _write_state(root, config, runner)
+    if wait_timeout is None:
+        return info
+    _start_clients(root, names, user, home)
     try:
         info.client.wait_online(names, wait_timeout)
     except SandboxClientError as exc:

@@ -181,8 +181,8 @@ def free_ports(count: int, rng: random.Random | None = None) -> list[int]:
 
 
 def _bindable(port: int) -> bool:
+    # No SO_REUSEADDR: a port another sandbox reserves (or in TIME_WAIT) counts as busy.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -213,6 +213,9 @@ class Simulator:
 
     def start(self) -> None:
         self.relay.start()
+        for record in self._hosts.values():
+            if not self.relay.reserve(record.spec.name, record.spec.ssh_port):
+                log.warning("port %s of %s is busy", record.spec.ssh_port, record.spec.name)
         self._httpd = _HttpServer(("127.0.0.1", self.port), _Handler, self)
         self.port = self._httpd.server_address[1]
         self._http_thread = threading.Thread(
@@ -360,6 +363,7 @@ class Simulator:
         """Close the tunnel of every offline host whose allow-clientless is false."""
         cut = []
         with self._lock:
+            self.relay.retry_reservations()
             for record in self._hosts.values():
                 if record.allow_clientless or self._online(record):
                     continue
@@ -450,6 +454,7 @@ class _HttpServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stalls
     server_version = "sshreach-sandbox"
     server: _HttpServer
 

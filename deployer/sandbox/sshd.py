@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READ_SIZE = 65536
 START_TIMEOUT = 10.0
+LISTEN_BACKLOG = 1024  # every tunnel of a big fleet may connect at once
 
 
 def session_env(user: str, home: str) -> dict[str, str]:
@@ -121,6 +122,7 @@ class EmbeddedSshServer:
             agent_forwarding=False,
             x11_forwarding=False,
             login_timeout=30,
+            backlog=LISTEN_BACKLOG,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 

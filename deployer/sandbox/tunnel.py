@@ -15,6 +15,7 @@ import logging
 import queue
 import selectors
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,19 @@ READ_SIZE = 65536
 BUFFER_LIMIT = 256 * 1024  # stop reading a side while its peer has this much unsent
 ACCEPTS_PER_WAKEUP = 64
 COMMAND_TIMEOUT = 5.0
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _bind_exclusive(port: int) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 class _End:
@@ -70,6 +84,8 @@ class TunnelRelay:
         self._pipes: dict[str, set[_Pipe]] = {}
         self._thread: threading.Thread | None = None
         self._running = False
+        self._reserved: dict[str, tuple[int, socket.socket | None]] = {}
+        self._reserve_lock = threading.Lock()
         self.accepted_total = 0
 
     # --- the public, thread-safe side ----------------------------------------
@@ -81,6 +97,8 @@ class TunnelRelay:
         self._thread.start()
 
     def stop(self) -> None:
+        for name in list(self._reserved):
+            self._release(name)
         if not self._running:
             return
         self._submit(self._shutdown)
@@ -89,9 +107,37 @@ class TunnelRelay:
         self._wake_r.close()
         self._wake_w.close()
 
+    def reserve(self, name: str, port: int) -> bool:
+        """Hold ``port`` for ``name`` while its tunnel is closed: a bound socket
+        without SO_REUSEADDR, so no other program (another sandbox) listens on it.
+        Returns False if the port is busy now (retried by :meth:`retry_reservations`)."""
+        with self._reserve_lock:
+            _port, held = self._reserved.get(name, (port, None))
+            if held is None and name not in self._listeners:
+                held = _bind_exclusive(port)
+            self._reserved[name] = (port, held)
+            return held is not None
+
+    def retry_reservations(self) -> None:
+        for name, (port, held) in list(self._reserved.items()):
+            if held is None and name not in self._listeners:
+                self.reserve(name, port)
+
+    def _release(self, name: str) -> None:
+        with self._reserve_lock:
+            port, held = self._reserved.get(name, (0, None))
+            if held is not None:
+                held.close()
+                self._reserved[name] = (port, None)
+
     def open(self, name: str, port: int) -> None:
         """Listen on 127.0.0.1:``port`` for ``name``; raises OSError if the port is taken."""
-        sock = socket.create_server(("127.0.0.1", port), backlog=128)
+        self._release(name)
+        try:
+            sock = socket.create_server(("127.0.0.1", port), backlog=128)
+        except OSError:
+            self.reserve(name, port)
+            raise
         sock.setblocking(False)
         try:
             self._submit(self._add_listener, name, sock)
@@ -101,7 +147,10 @@ class TunnelRelay:
 
     def close(self, name: str) -> int:
         """Close ``name``'s listener and cut every connection through it; return how many."""
-        return self._submit(self._remove, name)
+        count = self._submit(self._remove, name)
+        if name in self._reserved:
+            self.reserve(name, self._reserved[name][0])
+        return count
 
     def is_open(self, name: str) -> bool:
         return name in self._listeners
@@ -174,7 +223,7 @@ class TunnelRelay:
             sock.close()
         pipes = self._pipes.pop(name, set())
         for pipe in list(pipes):
-            self._close_pipe(pipe)
+            self._close_pipe(pipe, reset=True)
         return len(pipes)
 
     def _shutdown(self) -> None:
@@ -289,7 +338,7 @@ class TunnelRelay:
             self._sel.modify(end.sock, mask, ("end", end))
         end.mask = mask
 
-    def _close_pipe(self, pipe: _Pipe) -> None:
+    def _close_pipe(self, pipe: _Pipe, reset: bool = False) -> None:
         if pipe.closed:
             return
         pipe.closed = True
@@ -297,6 +346,8 @@ class TunnelRelay:
             if end.mask:
                 self._sel.unregister(end.sock)
                 end.mask = 0
+            if reset:  # a cut: RST, and no TIME_WAIT left on the tunnel's port
+                end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             end.sock.close()
         pipes = self._pipes.get(pipe.name)
         if pipes is not None:

@@ -141,8 +141,11 @@ class EchoServer:
     @staticmethod
     def _echo(conn):
         with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:  # cut by the relay (RST)
+                pass
 
     def close(self):
         self.sock.close()
@@ -160,6 +163,20 @@ def tunnel_sim():
     finally:
         sim.stop()
         echo.close()
+
+
+@pytest.fixture
+def dial():
+    """Open TCP connections to 127.0.0.1; all closed after the test."""
+    opened: list[socket.socket] = []
+
+    def connect(port: int) -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        return opened[-1]
+
+    yield connect
+    for sock in opened:
+        sock.close()
 
 
 def sim_call(sim: Simulator, host: HostSpec, name: str, **extra) -> dict:
@@ -190,13 +207,13 @@ def cut(sock: socket.socket, timeout: float) -> bool:
         return False
 
 
-def test_connect_opens_a_relaying_tunnel_and_disconnect_cuts_it(tunnel_sim):
+def test_connect_opens_a_relaying_tunnel_and_disconnect_cuts_it(tunnel_sim, dial):
     sim, hosts, admin = tunnel_sim
     host = hosts[0]
     admin.heartbeat(host.host_uuid)
     assert sim_call(sim, host, "connect")["error_code"] == 0
     assert sim_call(sim, host, "connect")["error_code"] == 0  # idempotent
-    conn = socket.create_connection(("127.0.0.1", host.ssh_port), timeout=5)
+    conn = dial(host.ssh_port)
     payload = random.randbytes(300_000)
     assert echo_roundtrip(conn, payload) == payload
     state = admin.host("h0")
@@ -208,19 +225,36 @@ def test_connect_opens_a_relaying_tunnel_and_disconnect_cuts_it(tunnel_sim):
     assert admin.host("h0")["tunnel_open"] is False
 
 
-def test_connect_on_a_taken_port_is_11(tunnel_sim):
-    sim, hosts, admin = tunnel_sim
-    admin.heartbeat(hosts[1].host_uuid)
-    with socket.create_server(("127.0.0.1", hosts[1].ssh_port)):
+def test_closed_tunnel_ports_stay_reserved_and_a_busy_port_gives_11():
+    echo = EchoServer()
+    free, busy = processes.free_ports(2)
+    squatter = socket.create_server(("127.0.0.1", busy))  # taken before the simulator starts
+    hosts = [HostSpec("h0", "db0", "uuid-0", 100, free), HostSpec("h1", "db1", "uuid-1", 101, busy)]
+    sim = Simulator("u1", hosts, ("127.0.0.1", echo.port), Faults())
+    sim.start()
+    try:
+        admin = SandboxClient(sim.base_url)
+        for host in hosts:
+            admin.heartbeat(host.host_uuid)
+        with pytest.raises(OSError):  # another program cannot take a sandbox tunnel port
+            socket.create_server(("127.0.0.1", free))
         assert sim_call(sim, hosts[1], "connect")["error_code"] == 11
-    assert admin.host("h1")["tunnel_open"] is False
+        assert admin.host("h1")["tunnel_open"] is False
+        assert sim_call(sim, hosts[0], "connect")["error_code"] == 0
+        assert sim_call(sim, hosts[0], "disconnect")["error_code"] == 0
+        with pytest.raises(OSError):  # held again once the tunnel is closed
+            socket.create_server(("127.0.0.1", free))
+    finally:
+        sim.stop()
+        squatter.close()
+        echo.close()
 
 
-def test_half_close_is_relayed(tunnel_sim):
+def test_half_close_is_relayed(tunnel_sim, dial):
     sim, hosts, admin = tunnel_sim
     admin.heartbeat(hosts[0].host_uuid)
     sim_call(sim, hosts[0], "connect")
-    conn = socket.create_connection(("127.0.0.1", hosts[0].ssh_port), timeout=5)
+    conn = dial(hosts[0].ssh_port)
     conn.sendall(b"last words")
     conn.shutdown(socket.SHUT_WR)
     got = b""
@@ -229,29 +263,29 @@ def test_half_close_is_relayed(tunnel_sim):
     assert got == b"last words"
 
 
-def test_offline_client_without_allow_clientless_loses_tunnel_and_connections(tunnel_sim):
+def test_offline_client_without_allow_clientless_loses_tunnel_and_connections(tunnel_sim, dial):
     sim, hosts, admin = tunnel_sim
     host = hosts[0]
+    before_beat = time.monotonic()
     admin.heartbeat(host.host_uuid)
     sim_call(sim, host, "connect")
-    conns = [socket.create_connection(("127.0.0.1", host.ssh_port), timeout=5) for _ in range(3)]
+    conns = [dial(host.ssh_port) for _ in range(3)]
     for conn in conns:
         assert echo_roundtrip(conn, b"ping") == b"ping"
-    last_beat = time.monotonic()
-    assert all(cut(conn, 0.5 + 0.5) for conn in conns)
-    assert time.monotonic() - last_beat >= 0.5
+    assert all(cut(conn, 0.5 + 0.5) for conn in conns)  # offline_after + 0.5
+    assert time.monotonic() - before_beat >= 0.5  # not before offline_after
     state = admin.host("h0")
     assert (state["tunnel_open"], state["online"], state["tunnel_cuts"]) == (False, False, 1)
     assert sim_call(sim, host, "connect")["error_code"] == 24
 
 
-def test_allow_clientless_keeps_the_tunnel_of_an_offline_client_until_revoked(tunnel_sim):
+def test_allow_clientless_keeps_the_tunnel_of_an_offline_client_until_revoked(tunnel_sim, dial):
     sim, hosts, admin = tunnel_sim
     host = hosts[2]
     admin.heartbeat(host.host_uuid)
     sim_call(sim, host, "connect")
     sim_call(sim, host, "set_allow_clientless", allow="true")
-    conn = socket.create_connection(("127.0.0.1", host.ssh_port), timeout=5)
+    conn = dial(host.ssh_port)
     time.sleep(1.0)  # twice offline_after
     assert admin.host("h2")["online"] is False
     assert echo_roundtrip(conn, b"still here") == b"still here"
@@ -260,14 +294,12 @@ def test_allow_clientless_keeps_the_tunnel_of_an_offline_client_until_revoked(tu
     assert admin.host("h2")["tunnel_open"] is False
 
 
-def test_many_concurrent_tunnels_relay_independently(tunnel_sim):
+def test_many_concurrent_tunnels_relay_independently(tunnel_sim, dial):
     sim, hosts, admin = tunnel_sim
     for host in hosts:
         admin.heartbeat(host.host_uuid)
         sim_call(sim, host, "connect")
-    conns = [
-        socket.create_connection(("127.0.0.1", hosts[i % 3].ssh_port), timeout=5) for i in range(60)
-    ]
+    conns = [dial(hosts[i % 3].ssh_port) for i in range(60)]
     payloads = [random.randbytes(5000) for _ in conns]
     for conn, payload in zip(conns, payloads, strict=True):
         conn.sendall(payload)
@@ -277,8 +309,6 @@ def test_many_concurrent_tunnels_relay_independently(tunnel_sim):
             got += conn.recv(65536)
         assert got == payload
     assert sum(admin.host(h.name)["connections"] for h in hosts) == 60
-    for conn in conns:
-        conn.close()
 
 
 # --- the client template as a process ---------------------------------------------------
@@ -309,7 +339,7 @@ def client_script(tmp_path, tunnel_sim):
         path = tmp_path / f"client-{fail or 'ok'}.py"
         path.write_text(text)
         proc = subprocess.Popen(
-            [sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         started.append(proc)
         return path, proc
