@@ -201,7 +201,6 @@ def _host_names(count: int) -> list[str]:
 
 def _new_hosts(count: int) -> list[dict[str, Any]]:
     names = _host_names(count)
-    ports = processes.free_ports(count)
     ports_ids = secrets.SystemRandom().sample(range(1000, 100000), count)
     return [
         {
@@ -209,7 +208,7 @@ def _new_hosts(count: int) -> list[dict[str, Any]]:
             "dbid": secrets.token_hex(4),
             "host_uuid": str(uuid.uuid4()),
             "ports_id": ports_ids[i],
-            "ssh_port": ports[i],
+            "ssh_port": 0,  # the runner picks and holds one
         }
         for i, name in enumerate(names)
     ]
@@ -238,7 +237,7 @@ def _start(
         "user_id": "sbx" + secrets.token_hex(6),
         "hosts": _new_hosts(count),
         "sshd": sshd,
-        "sshd_port": processes.free_ports(1)[0] if sshd == "openssh" else 0,
+        "sshd_port": 0,  # the runner picks it
         "api_port": 0,
         "user": user,
         "home": home,
@@ -246,6 +245,9 @@ def _start(
     }
     _write_private(root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     runner = _start_runner(root)
+    for host in config["hosts"]:
+        host["ssh_port"] = runner["ssh_ports"][host["name"]]
+    _write_private(root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     ports = [h["ssh_port"] for h in config["hosts"]]
     keys.write_known_hosts(root / "known_hosts", root / HOST_KEY_FILE, "127.0.0.1", ports)
     inventory = root / INVENTORY_FILE
@@ -544,6 +546,7 @@ def _markers(root: Path) -> tuple[str, ...]:
 def _sandbox_ports(runner: dict[str, Any], state: dict[str, Any], config: dict[str, Any]):
     ports = {runner.get("api_port"), runner.get("sshd_port"), config.get("sshd_port")}
     ports.update(h.get("ssh_port") for h in config.get("hosts", []))
+    ports.update((runner.get("ssh_ports") or {}).values())
     ports.update(h.get("ssh_port") for h in state.get("hosts", {}).values())
     return sorted(p for p in ports if p)
 

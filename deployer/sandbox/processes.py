@@ -5,7 +5,6 @@ prove nothing is left behind. Linux only (reads /proc)."""
 from __future__ import annotations
 
 import os
-import random
 import shlex
 import signal
 import socket
@@ -16,7 +15,6 @@ from pathlib import Path
 
 STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL after this long (the pidfile convention)
 POLL = 0.05
-PORT_FLOOR = 20000  # sandbox ports are picked from here up to the ephemeral range
 
 
 def spawn_detached(
@@ -153,38 +151,3 @@ def listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_ports(count: int, rng: random.Random | None = None) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 now, chosen below the kernel's
-    ephemeral range where possible, so no outgoing connection grabs one later."""
-    rng = rng or random.Random()
-    low, _high = _ephemeral_range()
-    pool = range(PORT_FLOOR, low) if low - PORT_FLOOR >= count * 4 else range(1024, 65535)
-    chosen: list[int] = []
-    for port in rng.sample(pool, min(len(pool), count * 8)):
-        if len(chosen) == count:
-            break
-        if _bindable(port):
-            chosen.append(port)
-    if len(chosen) < count:
-        raise OSError(f"could not find {count} free ports on 127.0.0.1")
-    return chosen
-
-
-def _bindable(port: int) -> bool:
-    # No SO_REUSEADDR: a port another sandbox reserves (or in TIME_WAIT) counts as busy.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -44,7 +44,9 @@ def _start_sshd(root: Path, config: dict[str, Any]):
     authorized = root / f"{CLIENT_KEY_FILE}.pub"
     if config["sshd"] == "openssh":
         from deployer.sandbox import openssh
+        from deployer.sandbox.ports import free_ports
 
+        config["sshd_port"] = config.get("sshd_port") or free_ports(1)[0]
         sshd_config = root / SSHD_CONFIG_FILE
         openssh.write_config(
             sshd_config,
@@ -92,6 +94,7 @@ def run(root: Path) -> int:
             "sshd": config["sshd"],
             "sshd_port": sshd_port,
             "sshd_pid": sshd_pid,
+            "ssh_ports": sim.ssh_ports,
         },
     )
     log.info("simulator on %s, %s sshd on port %s", sim.base_url, config["sshd"], sshd_port)

@@ -212,10 +212,14 @@ class Simulator:
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
+        """Reserve every tunnel port (picking one where ``ssh_port`` is 0), then serve."""
         self.relay.start()
         for record in self._hosts.values():
-            if not self.relay.reserve(record.spec.name, record.spec.ssh_port):
-                log.warning("port %s of %s is busy", record.spec.ssh_port, record.spec.name)
+            spec = record.spec
+            if spec.ssh_port == 0:
+                record.spec = replace(spec, ssh_port=self.relay.reserve_free(spec.name))
+            elif not self.relay.reserve(spec.name, spec.ssh_port):
+                log.warning("port %s of %s is busy", spec.ssh_port, spec.name)
         self._httpd = _HttpServer(("127.0.0.1", self.port), _Handler, self)
         self.port = self._httpd.server_address[1]
         self._http_thread = threading.Thread(
@@ -233,6 +237,10 @@ class Simulator:
         self.relay.stop()
         if self._monitor is not None:
             self._monitor.join(2)
+
+    @property
+    def ssh_ports(self) -> dict[str, int]:
+        return {name: record.spec.ssh_port for name, record in self._hosts.items()}
 
     @property
     def base_url(self) -> str:

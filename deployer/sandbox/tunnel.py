@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from deployer.sandbox import ports
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -29,16 +31,6 @@ COMMAND_TIMEOUT = 5.0
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def _bind_exclusive(port: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        return None
-    return sock
 
 
 class _End:
@@ -114,9 +106,16 @@ class TunnelRelay:
         with self._reserve_lock:
             _port, held = self._reserved.get(name, (port, None))
             if held is None and name not in self._listeners:
-                held = _bind_exclusive(port)
+                held = ports.bind_exclusive(port)
             self._reserved[name] = (port, held)
             return held is not None
+
+    def reserve_free(self, name: str) -> int:
+        """Pick a free tunnel port for ``name`` and hold it at once; return it."""
+        port, held = ports.reserve_free_port()
+        with self._reserve_lock:
+            self._reserved[name] = (port, held)
+        return port
 
     def retry_reservations(self) -> None:
         for name, (port, held) in list(self._reserved.items()):

@@ -17,12 +17,13 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from deployer.sandbox import fleet, processes
+from deployer.sandbox import fleet, ports, processes
 from deployer.sandbox.client import SandboxClient
 from deployer.sandbox.simulator import Faults, HostSpec, Simulator
 from tests.sandbox_fixture import Sandbox, requires_openssh
@@ -154,10 +155,10 @@ class EchoServer:
 @pytest.fixture
 def tunnel_sim():
     echo = EchoServer()
-    ports = processes.free_ports(3)
-    hosts = [HostSpec(f"h{i}", f"db{i}", f"uuid-{i}", 100 + i, ports[i]) for i in range(3)]
-    sim = Simulator("u1", hosts, ("127.0.0.1", echo.port), Faults(offline_after=0.5))
-    sim.start()
+    specs = [HostSpec(f"h{i}", f"db{i}", f"uuid-{i}", 100 + i, 0) for i in range(3)]
+    sim = Simulator("u1", specs, ("127.0.0.1", echo.port), Faults(offline_after=0.5))
+    sim.start()  # picks and holds a port for each host
+    hosts = [replace(h, ssh_port=sim.ssh_ports[h.name]) for h in specs]
     try:
         yield sim, hosts, SandboxClient(sim.base_url)
     finally:
@@ -227,7 +228,7 @@ def test_connect_opens_a_relaying_tunnel_and_disconnect_cuts_it(tunnel_sim, dial
 
 def test_closed_tunnel_ports_stay_reserved_and_a_busy_port_gives_11():
     echo = EchoServer()
-    free, busy = processes.free_ports(2)
+    free, busy = ports.free_ports(2)
     squatter = socket.create_server(("127.0.0.1", busy))  # taken before the simulator starts
     hosts = [HostSpec("h0", "db0", "uuid-0", 100, free), HostSpec("h1", "db1", "uuid-1", 101, busy)]
     sim = Simulator("u1", hosts, ("127.0.0.1", echo.port), Faults())

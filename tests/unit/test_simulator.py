@@ -20,8 +20,8 @@ pytestmark = pytest.mark.unit
 
 USER = "user-0001"
 HOSTS = [
-    HostSpec("sbx-01", "db01", "uuid-0001", 1001, 1),
-    HostSpec("sbx-02", "db02", "uuid-0002", 1002, 1),
+    HostSpec("sbx-01", "db01", "uuid-0001", 1001, 0),
+    HostSpec("sbx-02", "db02", "uuid-0002", 1002, 0),
 ]
 OK = {"message": "OK", "error_code": 0, "success": True}
 ONLINE = {"message": "online", "error_code": 0, "success": True}
