@@ -75,26 +75,14 @@ def test_a_hostile_var_is_written_into_the_script_literally_and_never_run(fleet,
     assert not list(tmp_path.glob("pwned*"))
 
 
-SHA256SUM_SPLIT = (
-    "deployer/workflow.py:291 (HostRun._stage) splits `sha256sum STAGED GUARD` output on "
-    "whitespace, so a run dir with a space shifts the guard's digest: stage fails "
-    "'the upload was damaged'"
-)
-SHA256SUM_ESCAPE = (
-    "deployer/hostfiles.py:86 (remote_sha256) and workflow.py:291: GNU sha256sum prefixes the "
-    "line with a backslash when the file name holds a backslash (or newline), so the digest "
-    "read is 65 characters: inspect fails 'unexpected sha256sum output'"
-)
 HOSTILE_DIRS = [
     pytest.param(
         'it\'s a "dir" $(touch PWNED) `touch PWNED` ; rm -rf x & ünï $HOME * ~',
-        id="quotes-substitution-spaces",
-        marks=pytest.mark.xfail(strict=True, reason=SHA256SUM_SPLIT),
+        id="quotes-substitution-spaces",  # sha256sum output split on spaces (fixed ad14e57)
     ),
     pytest.param(
         "back\\slash\ttab $(touch PWNED)",
-        id="backslash",
-        marks=pytest.mark.xfail(strict=True, reason=SHA256SUM_ESCAPE),
+        id="backslash",  # sha256sum escapes such names in its output (fixed ad14e57)
     ),
 ]
 

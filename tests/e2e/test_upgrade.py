@@ -78,8 +78,8 @@ def rendered_sha(sb: Sandbox, host: str, *var_args: str) -> str:
     return hashlib.sha256(rendered(sb, host, *var_args)).hexdigest()
 
 
-def calls(sb: Sandbox, host: str) -> dict[str, int]:
-    return dict(sb.host(host)["api_calls"])
+def installed_sha(sb: Sandbox, host: str) -> str:
+    return hashlib.sha256((sb.host_dir(host) / "client.py").read_bytes()).hexdigest()
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -135,8 +135,8 @@ def faults_fleet(module_sandbox_factory) -> Sandbox:
 
 def test_upgrade_installs_the_new_script_with_one_short_window_and_a_rerun_is_unchanged(fleet):
     host = "sbx-01"
-    before = sb_state = fleet.host(host)
-    old_sha = sb_state["script_sha256"]
+    before = fleet.host(host)
+    old_sha = before["script_sha256"]
     new_sha = rendered_sha(fleet, host, "--var", "release=2")
     assert new_sha != old_sha
 
@@ -151,6 +151,7 @@ def test_upgrade_installs_the_new_script_with_one_short_window_and_a_rerun_is_un
     assert report["exposure_seconds"] > 0
     after = wait_running(fleet, host, new_sha)
     assert_window_shut(after)
+    assert installed_sha(fleet, host) == new_sha
     exposures = after["exposures"][len(before["exposures"]) :]
     assert len(exposures) == 1, after["exposures"]
     ((t_open, t_close),) = exposures
@@ -186,8 +187,7 @@ def test_rollback_after_an_upgrade_restores_the_previous_script(fleet):
     assert (back["old_sha256"], back["new_sha256"]) == (report["new_sha256"], original)
     state = wait_running(fleet, host, original)
     assert_window_shut(state)
-    assert (fleet.host_dir(host) / "client.py").read_bytes()
-    assert fleet.host(host)["script_sha256"] == original
+    assert installed_sha(fleet, host) == original
 
 
 # --- rollbacks rehearsed with the sandbox client's failure modes ----------------------------
@@ -197,7 +197,7 @@ def test_rollback_after_an_upgrade_restores_the_previous_script(fleet):
     ("host", "fail_args"),
     [
         pytest.param("sbx-01", ["--var", "sandbox_fail=crash"], id="crash"),
-        pytest.param("sbx-02", ["--var", "sandbox_fail=silent", "--stable-for", "1"], id="silent"),
+        pytest.param("sbx-02", ["--var", "sandbox_fail=silent", "--stable-for", "3"], id="silent"),
         pytest.param(
             "sbx-03",
             ["--var", "sandbox_fail=die-after", "--var", "sandbox_die_after=1"]
@@ -213,7 +213,7 @@ def test_a_failing_new_client_is_rolled_back_to_the_old_one(faults_fleet, host, 
     code, report, err = upgrade(sb, host, "--var", "release=bad", *fail_args)
 
     assert_rolled_back(sb, host, code, report, old_sha)
-    assert (sb.host_dir(host) / "client.py").read_bytes() and report["new_sha256"] != old_sha
+    assert report["new_sha256"] != old_sha and installed_sha(sb, host) == old_sha
     assert "rollback" in [s["step"] for s in report["steps"]]
 
 
