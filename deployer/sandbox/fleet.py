@@ -155,6 +155,7 @@ def up(
     running = _running_info(root)
     if running is not None:
         raise SandboxRunning(f"a sandbox already runs in {root}", running)
+    _check_dir(root)
     if (root / STATE_FILE).exists() or (root / RUNNER_FILE).exists():
         down(root)  # a stale sandbox: clear leftovers first
     faults = {
@@ -194,6 +195,16 @@ def _check_options(hosts, sshd, latency, rate_limit, fail_rate, garbage_rate, of
         raise SandboxInputError(f"offline_after must be > 0 (got {offline_after})")
 
 
+def _check_dir(root: Path) -> None:
+    """DIR must be new, empty, or an earlier sandbox's: never overwrite a real inventory."""
+    if root.exists() and not root.is_dir():
+        raise SandboxInputError(f"--dir {root} is a file; choose a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / CONFIG_FILE).exists():
+        raise SandboxInputError(
+            f"--dir {root} is not empty and holds no sandbox; choose a new or empty directory"
+        )
+
+
 def _host_names(count: int) -> list[str]:
     width = max(2, len(str(count)))
     return [f"sbx-{i:0{width}d}" for i in range(1, count + 1)]
@@ -226,6 +237,7 @@ def _user_home() -> tuple[str, str]:
 def _start(
     root: Path, count: int, sshd: str, faults: dict[str, Any], wait_timeout: float | None
 ) -> SandboxInfo:
+    shutil.rmtree(root / "hosts", ignore_errors=True)  # a new fleet: no old locks or backups
     for sub in ("hosts", "logs", "templates"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     keys.generate_keypair(root / CLIENT_KEY_FILE, "deployer-sandbox-client")

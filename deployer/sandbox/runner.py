@@ -80,34 +80,44 @@ def run(root: Path) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit()
     sshd, sshd_port, sshd_pid = _start_sshd(root, config)
-    hosts = [HostSpec(**h) for h in config["hosts"]]
-    faults = Faults().updated(config.get("faults", {}))
-    sim = Simulator(config["user_id"], hosts, ("127.0.0.1", sshd_port), faults, config["api_port"])
-    sim.start()
-    _write_json(
-        root / RUNNER_FILE,
-        {
-            "pid": os.getpid(),
-            "base_url": sim.base_url,
-            "api_url": sim.api_url,
-            "api_port": sim.port,
-            "sshd": config["sshd"],
-            "sshd_port": sshd_port,
-            "sshd_pid": sshd_pid,
-            "ssh_ports": sim.ssh_ports,
-        },
-    )
-    log.info("simulator on %s, %s sshd on port %s", sim.base_url, config["sshd"], sshd_port)
-    status = 0
+    sim = None
+    try:
+        hosts = [HostSpec(**h) for h in config["hosts"]]
+        faults = Faults().updated(config.get("faults", {}))
+        sim = Simulator(
+            config["user_id"], hosts, ("127.0.0.1", sshd_port), faults, config["api_port"]
+        )
+        sim.start()
+        _write_json(root / RUNNER_FILE, _runner_info(sim, config, sshd_port, sshd_pid))
+        log.info("simulator on %s, %s sshd on port %s", sim.base_url, config["sshd"], sshd_port)
+        return _serve(sshd, stop)
+    finally:
+        log.info("stopping")
+        if sim is not None:
+            sim.stop()
+        sshd.stop()
+
+
+def _runner_info(sim: Simulator, config: dict[str, Any], sshd_port: int, sshd_pid) -> dict:
+    return {
+        "pid": os.getpid(),
+        "base_url": sim.base_url,
+        "api_url": sim.api_url,
+        "api_port": sim.port,
+        "sshd": config["sshd"],
+        "sshd_port": sshd_port,
+        "sshd_pid": sshd_pid,
+        "ssh_ports": sim.ssh_ports,
+    }
+
+
+def _serve(sshd: Any, stop: threading.Event) -> int:
+    """Run until asked to stop (0), or until OpenSSH's sshd dies (1)."""
     while not stop.wait(0.5):
         if hasattr(sshd, "alive") and not sshd.alive():
             log.error("sshd exited; stopping the sandbox")
-            status = 1
-            break
-    log.info("stopping")
-    sim.stop()
-    sshd.stop()
-    return status
+            return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -618,6 +618,12 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path):
         fleet.up(tmp_path / "a", hosts=0)
     with pytest.raises(fleet.SandboxInputError, match="--fail-rate"):
         fleet.up(tmp_path / "b", fail_rate=1.5)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "deployer.toml").write_text("# a real inventory\n")
+    with pytest.raises(fleet.SandboxInputError, match="not empty and holds no sandbox"):
+        fleet.up(project)
+    assert (project / "deployer.toml").read_text() == "# a real inventory\n"
     result = deployer_cli("sandbox", "up", "--dir", str(tmp_path / "c"), "--sshd", "dropbear")
     assert result.returncode == 2
     assert not (tmp_path / "c").exists()
