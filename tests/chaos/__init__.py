@@ -58,6 +58,7 @@ STATE_POLL = 0.1  # seconds between looks at the simulator while waiting for saf
 SETTLE_MARGIN = 15.0  # seconds past the guard's deadline for its revert to finish
 RECOVER_GRACE = 3.0  # seconds for the heartbeats to catch up once recover returned
 CLI_TIMEOUT = 180.0
+SHORT_STAGE = 0.3  # seconds: most stages take less on the sandbox
 FINAL_RESULTS = {"upgraded", "unchanged", "rolled_back", "failed", "unsafe", "skipped"}
 FINAL_GUARD_STATES = {"committed", "reverted", "aborted", "error"}
 
@@ -131,6 +132,11 @@ class JournalProbe:
             (run_id, host),
         )
 
+    def facts(self, run_id: str, host: str) -> dict[str, Any]:
+        """The journalled facts of (run, host), as deployer wrote them before acting."""
+        rows = self._query("SELECT facts FROM hosts WHERE run_id = ? AND host = ?", (run_id, host))
+        return json.loads(rows[0][0]) if rows else {}
+
     def current_step(self, run_id: str, host: str) -> str | None:
         """The step that has begun last (it may have ended since)."""
         begun = [step for step, phase in self.steps(run_id, host) if phase == "begin"]
@@ -174,6 +180,20 @@ class UpgradeProcess:
                 return False
             time.sleep(JOURNAL_POLL)
         raise TimeoutError(f"{self.host}: step {step!r} not begun within {timeout:g} s")
+
+    def wait_for_fact(self, name: str, timeout: float = 60.0) -> bool:
+        """Block until deployer journalled fact ``name`` as true (True), or the
+        process ended first (False)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.run_id is None:
+                self.run_id = self.probe.run_of(self.proc.pid, self.launched)
+            if self.run_id is not None and self.probe.facts(self.run_id, self.host).get(name):
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(JOURNAL_POLL)
+        raise TimeoutError(f"{self.host}: fact {name!r} not journalled within {timeout:g} s")
 
     def kill(self) -> None:
         """SIGKILL the deployer process itself (not the guard: it runs on the host)."""
@@ -380,6 +400,7 @@ class KillOutcome:
     recover_result: str | None = None
     history_result: str | None = None
     lock_left: bool = False
+    safe_at_return: bool | None = None  # with recover: safe at the first look after it
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__, problems=list(self.problems))
@@ -438,6 +459,7 @@ def kill_point(
         out.recover_code, report, _ = recover(fleet.inventory)
         mine = [h for h in report.get("hosts", []) if h["host"] == host]
         out.recover_result = mine[0]["result"] if mine else None
+        out.safe_at_return = view(fleet.client, fleet.dir, host).safe(complete)
         watch = watch_until_settled(
             fleet.client,
             fleet.dir,
@@ -464,7 +486,9 @@ def kill_point(
 
 
 def random_kill(rng: random.Random, stable_for: float) -> tuple[str, float]:
-    """A random stage and a random delay inside it (most stages take well under 1 s)."""
+    """A random stage and a random delay inside it: up to ``stable_for`` in the
+    soak, up to :data:`SHORT_STAGE` elsewhere (a kill that outlasts its stage
+    lands in a later one; ``killed_in`` says where)."""
     stage = rng.choice(KILL_STAGES)
-    longest = stable_for if stage == "soak" else 0.6
+    longest = stable_for if stage == "soak" else SHORT_STAGE
     return stage, rng.uniform(0.0, longest)

@@ -43,20 +43,8 @@ GUARD_DEADLINE = 20.0  # the sandbox inventory's guard_deadline
 CHAOS = os.environ.get("DEPLOYER_CHAOS") == "1"
 chaos_only = pytest.mark.skipif(not CHAOS, reason="the full kill sweep: set DEPLOYER_CHAOS=1")
 
-WINDOW_LEFT_OPEN = (
-    "killed after the window opened and before the guard started, nothing closes "
-    "the window until `deployer recover` (workflow.py _open_window/_swap: the guard "
-    "is launched only after set_allow_clientless(true))"
-)
-
 # Default suite: a few kill points each way, each on its own host.
-WITHOUT_RECOVER = [
-    pytest.param("stage", id="stage"),
-    pytest.param("swap", id="swap", marks=pytest.mark.xfail(strict=True, reason=WINDOW_LEFT_OPEN)),
-    pytest.param("first_life", id="first_life"),
-    pytest.param("soak", id="soak"),
-    pytest.param("commit", id="commit"),
-]
+WITHOUT_RECOVER = ["stage", "open_window", "swap", "first_life", "soak", "commit"]
 WITH_RECOVER = ["lock", "stage", "swap", "close_window", "soak", "cleanup"]
 
 
@@ -66,7 +54,7 @@ def _handle(sb) -> FleetHandle:
 
 @pytest.fixture(scope="module")
 def fleet(module_sandbox_factory):
-    return module_sandbox_factory(hosts=len(WITHOUT_RECOVER) + len(WITH_RECOVER) + 1)
+    return module_sandbox_factory(hosts=len(WITHOUT_RECOVER) + len(WITH_RECOVER) + 2)
 
 
 def _run_batch(handle: FleetHandle, points: dict[str, str], with_recover: bool, release: str):
@@ -82,8 +70,7 @@ def _run_batch(handle: FleetHandle, points: dict[str, str], with_recover: bool, 
 @pytest.fixture(scope="module")
 def unattended(fleet) -> dict[str, KillOutcome]:
     """(a): every WITHOUT_RECOVER kill point at once, watched until settled."""
-    stages = [p.values[0] for p in WITHOUT_RECOVER]
-    points = dict(zip(fleet.hosts[: len(stages)], stages, strict=True))
+    points = dict(zip(fleet.hosts[: len(WITHOUT_RECOVER)], WITHOUT_RECOVER, strict=True))
     outcomes = _run_batch(_handle(fleet), points, with_recover=False, release="2")
     recover(fleet.inventory)  # tidy up (locks, tunnels) for the tests that follow
     return outcomes
@@ -124,12 +111,8 @@ def test_recover_with_nothing_dangling_does_nothing(fleet):
     assert report["hosts"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recover rolls back a committed upgrade when the kill came after cleanup "
-    "removed the run dir (workflow.py HostRun._recover -> _revert ignores `committed`)",
-)
 def test_a_kill_in_cleanup_after_commit_keeps_the_upgrade(fleet):
+    """Regression: recover used to roll back a committed upgrade here."""
     host = fleet.hosts[-1]
     new_sha = release_sha(fleet.inventory, host, "4")
     up = UpgradeProcess(fleet.inventory, host, ("--var", "release=4"))
@@ -145,6 +128,31 @@ def test_a_kill_in_cleanup_after_commit_keeps_the_upgrade(fleet):
     assert sha256_file(host_dir(fleet.dir, host) / "client.py") == new_sha
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="killed after `guard_armed` was journalled and before the guard started, "
+    "recover waits for a guard that never ran to confirm it was disarmed: twice "
+    "DISARM_WAIT (10 s, in _recover and again in _undo_before_swap), then reports a "
+    "GuardError (workflow.py HostRun._disarm)",
+)
+def test_a_kill_while_arming_the_guard_recovers_without_waiting_for_a_guard_that_never_ran(
+    fleet,
+):
+    host = fleet.hosts[-2]
+    old_sha = sha256_file(host_dir(fleet.dir, host) / "client.py")
+    up = UpgradeProcess(fleet.inventory, host, ("--var", "release=5"))
+    assert up.wait_for_fact("guard_armed")
+    up.kill()
+
+    code, report, _ = recover(fleet.inventory)
+
+    assert code == 0
+    [entry] = report["hosts"]
+    assert entry["result"] == "failed", entry
+    assert sha256_file(host_dir(fleet.dir, host) / "client.py") == old_sha
+    assert entry["error"] is None or entry["error"]["type"] != "GuardError", entry["error"]
+
+
 def _wait_gone(path: Path, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while path.exists():
@@ -153,12 +161,6 @@ def _wait_gone(path: Path, timeout: float = 30.0) -> None:
 
 
 # --- the full sweep (DEPLOYER_CHAOS=1) ------------------------------------------------------
-
-SWEEP_XFAIL = {
-    "swap": pytest.mark.xfail(strict=True, reason=WINDOW_LEFT_OPEN),
-    # killed as open_window begins, the API call may not have gone out yet
-    "open_window": pytest.mark.xfail(strict=False, reason=WINDOW_LEFT_OPEN),
-}
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +180,7 @@ def sweep_unattended(sweep_fleet) -> dict[str, KillOutcome]:
 
 @pytest.mark.chaos
 @chaos_only
-@pytest.mark.parametrize(
-    "stage", [pytest.param(s, marks=SWEEP_XFAIL.get(s, ())) for s in KILL_STAGES]
-)
+@pytest.mark.parametrize("stage", KILL_STAGES)
 def test_sweep_without_recover(sweep_unattended, stage):
     outcome = sweep_unattended[stage]
     _assert_killed_in(outcome, stage)
