@@ -72,12 +72,15 @@ class Host:
             },
             "deadline": 30.0,
             "soak_deadline": 10.0,
+            "go_deadline": 30.0,
             "api": None,
         }
         cfg.update(over)
         return cfg
 
-    def start_guard(self, new: bytes = NEW, **over) -> int:
+    def start_guard(self, new: bytes = NEW, go: bool = True, **over) -> int:
+        """Start the guard armed; with ``go`` also tell it to swap (as deployer's
+        swap step does)."""
         self.staged.write_bytes(new)
         guard = self.run_dir / "guard.py"
         guard.write_bytes(render_guard(self.config(**over)))
@@ -88,6 +91,8 @@ class Host:
             check=True,
             timeout=10,
         )
+        if go:
+            self.touch("go")
         return int(out.stdout.decode().strip())
 
     def lines(self) -> list[dict]:
@@ -128,7 +133,15 @@ def test_clean_swap_then_commit(host):
     host.touch("commit")
     host.wait_state("committed")
     wait_for(lambda: not pid_alive(guard_pid))
-    assert host.states() == ["running", "backed_up", "stopped", "swapped", "started", "committed"]
+    assert host.states() == [
+        "armed",
+        "running",
+        "backed_up",
+        "stopped",
+        "swapped",
+        "started",
+        "committed",
+    ]
     assert pid_alive(new_pid)  # the committed client stays
     assert host.script.read_bytes() == NEW
 
@@ -170,6 +183,43 @@ def test_revert_at_the_deadline_without_commit(host):
     assert pidfile_alive(host.pidfile)
 
 
+def test_armed_guard_waits_for_go_and_changes_nothing_before(host):
+    old_pid = host.install_old()
+    host.start_guard(go=False)
+    armed = host.wait_state("armed")
+    assert armed["go_deadline"] == 30.0
+    assert host.staged.exists() and host.script.read_bytes() == OLD
+    host.touch("go")
+    host.wait_state("started")
+    assert not pid_alive(old_pid)
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+def test_armed_guard_disarmed_by_revert_aborts_without_change(host):
+    old_pid = host.install_old()
+    guard_pid = host.start_guard(go=False)
+    host.wait_state("armed")
+    host.touch("revert")
+    aborted = host.wait_state("aborted")
+    assert aborted["changed"] is False and aborted["reason"] == "disarmed before the swap"
+    wait_for(lambda: not pid_alive(guard_pid))
+    assert host.states() == ["armed", "aborted"]
+    assert host.script.read_bytes() == OLD and not host.backup.exists()
+    assert pid_alive(old_pid) and read_pid(host.pidfile) == old_pid
+    host.touch("go")  # too late: the guard is gone, nothing happens
+    assert host.script.read_bytes() == OLD
+
+
+def test_armed_guard_gives_up_at_the_go_deadline(host):
+    old_pid = host.install_old()
+    host.start_guard(go=False, go_deadline=0.5)
+    aborted = host.wait_state("aborted")
+    assert aborted["changed"] is False
+    assert aborted["reason"] == "no go from deployer before the go deadline"
+    assert host.script.read_bytes() == OLD and pid_alive(old_pid)
+
+
 def test_first_life_tightens_the_deadline_to_the_soak_deadline(host):
     host.install_old()
     host.start_guard(deadline=60.0, soak_deadline=0.5)
@@ -207,7 +257,7 @@ def test_sigterm_makes_the_guard_revert(host):
 def test_the_guard_deletes_its_own_file(host):
     host.install_old()
     host.start_guard()
-    host.wait_state("running")
+    host.wait_state("armed")
     assert not (host.run_dir / "guard.py").exists()  # it holds API credentials
     host.touch("commit")
     host.wait_state("committed")
@@ -223,6 +273,7 @@ def test_every_status_line_is_json_with_state_time_and_pid(host):
     assert raw.endswith("\n")
     lines = [json.loads(line) for line in raw.splitlines()]
     assert [ln["state"] for ln in lines] == [
+        "armed",
         "running",
         "backed_up",
         "stopped",

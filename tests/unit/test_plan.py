@@ -14,6 +14,7 @@ import pytest
 from deployer.errors import EXIT_USAGE, TemplateError
 from deployer.inventory import load_inventory
 from deployer.plan import (
+    GO_DEADLINE,
     GUARD_EXTRA,
     SOAK_MARGIN,
     effective_timings,
@@ -206,6 +207,7 @@ def test_guard_config(tmp_path):
     # after first life: stable_for + margin + room for two retried API timeouts
     assert cfg["soak_deadline"] == 30.0 + SOAK_MARGIN + 2 * 7.0
     assert cfg["soak_deadline"] < cfg["deadline"]
+    assert cfg["go_deadline"] == min(210.0, GO_DEADLINE)
     assert cfg["api"] == {
         "url": "https://sshreach.example/init/api/{call}",
         "timeout": 7.0,
@@ -275,3 +277,10 @@ def test_guard_is_stdlib_only():
 def test_credentials_in_plan_are_secrets(tmp_path):
     inv, p = plan(tmp_path)
     assert isinstance(p.host.dbid, Secret) and isinstance(inv.provider.user_id, Secret)
+
+
+def test_go_deadline_never_exceeds_the_guard_deadline(tmp_path):
+    inv = inventory(tmp_path)
+    p = plan_host(inv, inv.hosts["pi-01"], "R", online_timeout=3.0, stable_for=0.5)
+    p = replace(p, guard_deadline=20.0)
+    assert guard_config(p, inv, "/b")["go_deadline"] == 20.0
