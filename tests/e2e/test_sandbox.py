@@ -528,8 +528,9 @@ def test_stopping_a_client_without_the_window_cuts_the_ssh_session(sandbox_facto
         client.close()
 
 
-def test_with_the_window_open_the_session_survives_a_client_restart(sandbox_factory):
-    sb = sandbox_factory(hosts=1)
+@pytest.mark.parametrize("sshd", SSHD_KINDS)
+def test_with_the_window_open_the_session_survives_a_client_restart(sandbox_factory, sshd):
+    sb = sandbox_factory(hosts=1, sshd=sshd)
     assert sb_call(sb, "sbx-01", "connect")["error_code"] == 0
     client = ssh_connect(sb, "sbx-01")
     try:
@@ -566,7 +567,10 @@ def deployer_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess
 def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
     root = tmp_path / "sbx"
     try:
-        up = deployer_cli("sandbox", "up", "--hosts", "2", "--dir", str(root))
+        up = deployer_cli(
+            "sandbox", "up", "--hosts", "2", "--dir", str(root),
+            "--api-latency", "0.01", "--rate-limit", "30", "--fail-rate", "0.05",
+        )  # fmt: skip
         assert up.returncode == 0, up.stderr
         assert f"deployer -i {root / 'deployer.toml'} status" in up.stdout
         again = deployer_cli("sandbox", "up", "--dir", str(root))
@@ -576,13 +580,15 @@ def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
         assert status.returncode == 0, status.stderr
         state = json.loads(status.stdout)
         assert state["api_url"].endswith("/api/{call}")
+        faults = state["faults"]
+        assert (faults["latency"], faults["rate_limit"], faults["fail_rate"]) == (0.01, 30, 0.05)
         assert all(h["online"] for h in state["hosts"].values())
         table = deployer_cli("sandbox", "status", "--dir", str(root))
         assert "sbx-02" in table.stdout
         ports = [h["ssh_port"] for h in state["hosts"].values()]
         ports.append(urllib.parse.urlsplit(state["api_url"]).port)
-        fleet_status = deployer_cli("-i", str(root / "deployer.toml"), "status")
-        assert fleet_status.returncode == 0, fleet_status.stderr
+        fleet_status = deployer_cli("-i", str(root / "deployer.toml"), "status", "--json")
+        assert {h["host"] for h in json.loads(fleet_status.stdout)} == {"sbx-01", "sbx-02"}
         down = deployer_cli("sandbox", "down", "--dir", str(root))
         assert down.returncode == 0, down.stderr
         assert processes.processes_mentioning(f"{root}/") == []
