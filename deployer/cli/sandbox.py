@@ -136,10 +136,16 @@ def status(directory: str, as_json: bool) -> None:
 
 
 def _print_table(state: dict) -> None:
+    from deployer.sandbox.simulator import Faults
+
     faults = state.get("faults", {})
+    defaults = Faults().to_json()
+    active = ", ".join(f"{k}={v}" for k, v in faults.items() if v != defaults.get(k))
     click.echo(f"Simulator API: {state['api_url']}")
-    active = {k: v for k, v in faults.items() if v and k != "offline_after"}
-    click.echo(f"Faults: {active or 'none'} (offline after {faults.get('offline_after')} s)")
+    click.echo(
+        f"Faults: {active or 'none'} (rate limit {faults.get('rate_limit')}/s, "
+        f"offline after {faults.get('offline_after')} s)"
+    )
     header = f"{'HOST':<10} {'ONLINE':<7} {'ALLOW':<6} {'TUNNEL':<7} {'CALLS':>5} "
     click.echo(header + f"{'WINDOWS':>7}  SCRIPT")
     for name, host in state["hosts"].items():
