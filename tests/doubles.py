@@ -365,3 +365,82 @@ class Recorder(EventSink):
 
     def message(self, host: str | None, text: str) -> None:
         self.messages.append(text)
+
+
+# --- the provider over HTTP (for the guard's own calls) ------------------------------
+
+
+class ProviderServer:
+    """:class:`FakeApi` behind the SPEC 1 HTTP interface on 127.0.0.1, so the guard's
+    own ``client_status`` / ``set_allow_clientless`` calls reach it. Use as a
+    context manager; ``api_config()`` is the guard CONFIG's ``api`` entry."""
+
+    def __init__(self, api: FakeApi, host_name: str = "guard"):
+        self.api = api
+        self.host = type("Host", (), {"name": host_name})()
+        self.server = None
+        self.thread = None
+
+    def __enter__(self) -> ProviderServer:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                url = urlparse(self.path)
+                call = url.path.rsplit("/", 1)[-1]
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                reply = outer.reply(call, query)
+                body = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reply(self, call: str, query: dict[str, str]) -> dict[str, Any]:
+        ok = {"message": "OK", "error_code": 0, "success": True}
+        try:
+            if call == "client_status":
+                if self.api.client_status(self.host):
+                    return {"message": "online", "error_code": 0, "success": True}
+                return {"message": "offline", "error_code": 24, "success": True}
+            if call == "set_allow_clientless":
+                allow = query.get("allow") == "true"
+                self.api.set_allow_clientless(self.host, allow)
+                return {
+                    "allow_clientless": allow,
+                    "message": "success",
+                    "error_code": 0,
+                    "success": True,
+                }
+            if call in ("connect", "disconnect"):
+                getattr(self.api, call)(self.host)
+                return ok
+        except ApiError as exc:
+            return {"message": str(exc), "error_code": exc.code, "success": False}
+        return {"message": "invalid api call", "error_code": 21, "success": False}
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/api/{{call}}"
+
+    def api_config(self) -> dict[str, Any]:
+        params = {"user_id": "u", "dbid": "d", "host_uuid": "h", "ports_id": "1"}
+        return {"url": self.url, "timeout": 2.0, "params": params}
