@@ -575,7 +575,7 @@ def test_cli_up_status_down_leaves_nothing_behind(tmp_path):
         assert f"deployer -i {root / 'deployer.toml'} status" in up.stdout
         again = deployer_cli("sandbox", "up", "--dir", str(root))
         assert again.returncode == 0 and "already runs" in again.stdout
-        time.sleep(0.6)  # the shell that started it is gone; the fleet is not
+        time.sleep(1.6)  # > offline_after: the shell that started it is gone, the fleet is not
         status = deployer_cli("sandbox", "status", "--dir", str(root), "--json")
         assert status.returncode == 0, status.stderr
         state = json.loads(status.stdout)
@@ -617,6 +617,18 @@ def test_down_also_stops_stray_host_processes_and_openssh(tmp_path, sandbox_fact
     finally:
         client.close()
         stray.kill()
+
+
+def test_up_after_the_runner_was_killed_clears_the_old_fleet(sandbox_factory):
+    sb = sandbox_factory(hosts=2)
+    old_clients = [sb.client_pid(name) for name in sb.hosts]
+    os.kill(sb.info.runner_pid, signal.SIGKILL)
+    with pytest.raises(fleet.SandboxNotRunning):
+        fleet.status(sb.dir)
+    info = fleet.up(sb.dir, hosts=2)
+    assert info.runner_pid != sb.info.runner_pid
+    assert not any(processes.alive(pid) for pid in old_clients)
+    assert all(h["online"] for h in info.client.state()["hosts"].values())
 
 
 def test_bad_options_are_refused_before_anything_starts(tmp_path):
