@@ -85,7 +85,13 @@ class Guard:
         if self.service.running():
             self.service.stop()
             if self.service.running():
-                self.status("aborted", reason="the old client did not stop", changed=False)
+                closed = self.close_window()
+                self.status(
+                    "aborted",
+                    reason="the old client did not stop",
+                    changed=False,
+                    window_closed=closed,
+                )
                 return 1
         self.status("stopped")
         try:
@@ -399,11 +405,13 @@ def main(argv):
             return guard.revert("the guard of this run is gone; reverting for deployer", backup)
         return guard.run()
     except Exception as exc:  # noqa: BLE001 - last line of defence: report and undo
-        guard.status("error", reason="%s: %s" % (type(exc).__name__, exc))
-        if os.path.exists(cfg["script_path"]) and guard.service.running():
-            return 3
-        guard.service.start()
-        guard.close_window()
+        try:
+            guard.status("error", reason="%s: %s" % (type(exc).__name__, exc))
+        except Exception:  # noqa: BLE001 - even the status file may be the problem
+            pass
+        if not (os.path.exists(cfg["script_path"]) and guard.service.running()):
+            guard.service.start()
+        guard.close_window()  # whatever happened, never leave the window open
         return 3
 
 
