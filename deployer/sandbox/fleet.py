@@ -491,7 +491,15 @@ def info(dir: str | Path = DEFAULT_DIR) -> SandboxInfo:  # noqa: A002
 
 def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:  # noqa: A002
     """The ``/sandbox/state`` document of the sandbox in ``dir``."""
-    return info(dir).client.state()
+    running = info(dir)
+    try:
+        return running.client.state()
+    except SandboxClientError:
+        time.sleep(0.2)
+        if _runner_alive(running.runner_pid):
+            raise
+        gone = f"the sandbox in {running.dir} stopped (its runner is gone)"
+        raise SandboxNotRunning(gone) from None
 
 
 def down(dir: str | Path = DEFAULT_DIR) -> DownReport:  # noqa: A002

@@ -623,6 +623,7 @@ def test_up_after_the_runner_was_killed_clears_the_old_fleet(sandbox_factory):
     sb = sandbox_factory(hosts=2)
     old_clients = [sb.client_pid(name) for name in sb.hosts]
     os.kill(sb.info.runner_pid, signal.SIGKILL)
+    assert processes.terminate([sb.info.runner_pid], timeout=5) == []  # waits until it is gone
     with pytest.raises(fleet.SandboxNotRunning):
         fleet.status(sb.dir)
     info = fleet.up(sb.dir, hosts=2)
