@@ -153,14 +153,21 @@ class ProcessReaper:
                 found.append(int(entry))
         return found
 
-    def kill_all(self) -> list[int]:
-        pids = self.ours()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return pids
+    def kill_all(self, rounds: int = 20) -> list[int]:
+        """SIGKILL ours until none is left (a guard may start a client meanwhile)."""
+        killed: list[int] = []
+        for _ in range(rounds):
+            pids = [p for p in self.ours() if pid_alive(p)]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            killed.extend(pids)
+            time.sleep(0.05)
+        return killed
 
 
 # --- the remote ---------------------------------------------------------------------

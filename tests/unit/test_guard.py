@@ -368,11 +368,6 @@ def fast_stop(source: bytes) -> bytes:
     return source.replace(b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py:88 returns after 'the old client did not stop' without close_window(): "
-    "a vanished deployer leaves the window open (SPEC 4: the guard closes it)",
-)
 def test_old_client_that_will_not_stop_aborts_and_closes_the_window(host, provider):
     host.script.write_bytes(OLD)
     service = {"kind": "command", "start": "true", "stop": "true", "check": "true"}
@@ -384,11 +379,6 @@ def test_old_client_that_will_not_stop_aborts_and_closes_the_window(host, provid
     wait_for(lambda: not provider.api.window_open, timeout=3.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py:403-404: after an unexpected error with the old client still running "
-    "main() returns 3 without close_window(): the window stays open if deployer is gone",
-)
 def test_guard_error_before_the_swap_closes_the_window(host, provider):
     host.install_old()
     blocker = host.root / "not-a-dir"

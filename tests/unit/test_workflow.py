@@ -8,6 +8,9 @@ crashed client really reads offline.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -29,9 +32,11 @@ from tests.doubles import (
     Recorder,
     RemoteFactory,
     client_source,
+    pid_alive,
     pidfile_alive,
     read_pid,
     start_client,
+    wait_for,
 )
 
 pytestmark = pytest.mark.unit
@@ -438,3 +443,82 @@ def test_hostile_script_directories_upgrade(tmp_path, where):
         assert not list(tmp_path.rglob("pwned")) and not list(Path.cwd().glob("pwned"))
     finally:
         reaper.kill_all()
+
+
+def guard_pid(site) -> int:
+    status = site.runs()[0] / "status"
+    return json.loads(status.read_text().splitlines()[0])["pid"]
+
+
+def test_abort_after_the_window_opened_disarms_the_guard(site):
+    pid = read_pid(site.pidfile)
+    site.events.hooks["open_window"] = site.abort.set  # Ctrl-C while the window opens
+    res = site.run(release="2")
+    assert res.result is Outcome.FAILED
+    assert res.error.type == "Interrupted"
+    assert len(site.api.exposures) == 1
+    assert_window_closed(site.api)
+    remote = site.factory.current
+    assert remote.ran("/revert") and not remote.ran("/go")
+    assert site.script.read_bytes() == site.old and read_pid(site.pidfile) == pid
+    assert site.runs() == [] and not (site.base / "lock").exists()
+
+
+def test_lost_ssh_during_first_life_reattaches_and_rolls_back(site):
+    def lose_session():
+        site.factory.current.lost = True
+
+    site.events.hooks["first_life"] = lose_session
+    res = site.run(release="2")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert len(site.factory.made) == 2
+    assert site.script.read_bytes() == site.old
+    assert pidfile_alive(site.pidfile)
+    assert_window_closed(site.api)
+    assert not (site.base / "lock").exists()
+
+
+def kill_guard_and_reuse_its_pid(site, new_pid: int) -> None:
+    """The run's guard dies (a reboot, an OOM kill) and its pid now names ``new_pid``.
+
+    (Rewriting the status pids keeps this deterministic: a SIGKILLed guard may
+    linger as a zombie here, since this machine's init does not always reap.)"""
+    pid = guard_pid(site)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid))
+    status = site.runs()[0] / "status"
+    status.write_text(status.read_text().replace(f'"pid": {pid}', f'"pid": {new_pid}'))
+
+
+def test_a_guard_gone_in_the_soak_is_replaced_by_a_reverting_one(site, monkeypatch):
+    monkeypatch.setattr(workflow, "COMMIT_WAIT", 1.0)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    site.events.hooks["soak"] = lambda: kill_guard_and_reuse_its_pid(site, dead.pid)
+    res = site.run(release="2")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert res.error.type == "GuardError"
+    assert site.factory.current.ran("guard.py --detach --revert")
+    assert site.script.read_bytes() == site.old
+    assert pidfile_alive(site.pidfile)
+    assert_window_closed(site.api)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="workflow.py:519-522 _guard_alive trusts `kill -0 PID` of the status file's first line: "
+    "after a host reboot (or with a zombie guard) that pid is alive but not the guard, so "
+    "deployer touches `revert` for a guard that is gone and ends unsafe after REVERT_WAIT",
+)
+def test_a_guard_whose_pid_was_reused_is_replaced_too(site, monkeypatch, tmp_path):
+    monkeypatch.setattr(workflow, "COMMIT_WAIT", 1.0)
+    monkeypatch.setattr(workflow, "REVERT_WAIT", 3.0)
+    other = subprocess.Popen(["sleep", "30"], cwd=tmp_path)  # reaped by the fixture
+    try:
+        site.events.hooks["soak"] = lambda: kill_guard_and_reuse_its_pid(site, other.pid)
+        res = site.run(release="2")
+    finally:
+        other.kill()
+        other.wait()
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert site.script.read_bytes() == site.old
