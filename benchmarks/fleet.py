@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def machine_cpu() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
     return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def forks_so_far() -> int:
+    """Processes created on the machine since boot (/proc/stat ``processes``)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_utilisation(seconds: float) -> float:
+    """Share of all cores busy over ``seconds`` with no deployer running (the fleet's
+    heartbeats and whatever else the machine does)."""
+    busy0, total0 = machine_cpu()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return (busy1 - busy0) / max(total1 - total0, 1e-9)
 
 
 def process_cpu(pid: int) -> float:
@@ -143,6 +161,16 @@ def runner_warnings(log: Path, keep: int = 10) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if "WARNING" in line or "ERROR" in line][-keep:]
+
+
+def keep_logs(root: Path) -> str:
+    """Copy the sandbox's logs (runner, clients) out of the doomed temp dir; return where."""
+    target = Path(tempfile.mkdtemp(prefix="bench-fleet-logs-"))
+    shutil.copytree(root / "logs", target / "logs", dirs_exist_ok=True)
+    for log in (root / "hosts").glob("*/client.log"):
+        (target / "hosts" / log.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, target / "hosts" / log.parent.name / "client.log")
+    return str(target)
 
 
 def closed_exposures(state: dict[str, Any], names: list[str]) -> list[float]:
@@ -235,18 +263,24 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         str(stable_for),
     ]
     startup = deployer_startup_seconds()
+    baseline = idle_utilisation(opts.baseline_seconds)
+    forks0 = forks_so_far()
     busy0, total0 = machine_cpu()
     runner0 = process_cpu(info.runner_pid)
     run = run_deployer(info.inventory, args)
     busy1, total1 = machine_cpu()
     runner_cpu = process_cpu(info.runner_pid) - runner0
+    forks = forks_so_far() - forks0
     state = client.state()
+    if opts.save_report:
+        opts.save_report.write_text(json.dumps(run.report, indent=2) + "\n")
     machine_busy = busy1 - busy0
     hosts = run.report.get("hosts", [])
     results: dict[str, int] = {}
     for host in hosts:
         results[host["result"]] = results.get(host["result"], 0) + 1
     upgraded = [h["host"] for h in hosts if h["result"] == "upgraded"]
+    durations = [h["duration_seconds"] for h in hosts if h["result"] != "skipped"]
     exposures = closed_exposures(state, upgraded)
     calls = api_calls_per_host(state, upgraded)
     k = statistics.fmean(calls) if calls else 0.0
@@ -300,16 +334,25 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         "cpu_seconds": {
             "machine_cores": os.cpu_count(),
             "machine_utilisation": round(machine_busy / (total1 - total0), 3),
+            "idle_fleet_utilisation_before": round(baseline, 3),
             "deployer": round(run.cpu_seconds, 1),
             "sandbox_runner": round(runner_cpu, 1),
             "everything_else": round(machine_busy - run.cpu_seconds - runner_cpu, 1),
         },
+        "processes_started_during_run": forks,
+        "host_duration_seconds": {
+            "mean": rounded(statistics.fmean(durations) if durations else None),
+            "p95": rounded(percentile(durations, 0.95)),
+        },
+        "mean_hosts_in_flight": rounded(sum(durations) / run.wall_seconds, 1),
+        "api_calls_per_second": rounded(state["calls"]["requests"] / run.wall_seconds, 1),
         "not_upgraded": [
             {"host": h["host"], "result": h["result"], "error": h["error"]}
             for h in hosts
             if h["result"] != "upgraded"
         ],
         "runner_log_warnings": runner_warnings(info.dir / "logs" / "runner.log"),
+        "kept_logs": keep_logs(info.dir) if len(upgraded) < len(hosts) or run.exit_code else None,
         "targets": targets(opts, ratio, by_code.get("22", 0), run.peak_rss_mb),
         "step_profile": step_profile(run.report),
         "stderr_tail": run.stderr.strip().splitlines()[-5:] if run.exit_code else [],
@@ -360,6 +403,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=CLIENT_START_RUNS,
         help="client start-to-heartbeat samples (default 10)",
+    )
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=3.0,
+        help="seconds of idle-fleet CPU measured before the run (default 3)",
+    )
+    parser.add_argument(
+        "--save-report", type=Path, default=None, help="also write deployer's JSON report here"
     )
     parser.add_argument("--dir", type=Path, default=None, help="sandbox dir (default: a temp dir)")
     return parser.parse_args(argv)
