@@ -71,6 +71,7 @@ online_timeout = 3
 stable_for = 0.5
 keep_backups = {keep}
 validate = {validate}
+health = {health}
 vars = {{ release = "1", fail = "", die_after = "1" }}
 
 [defaults.service]
@@ -96,7 +97,14 @@ def toml_str(value: object) -> str:
 class Site:
     """One local 'host' with its inventory, the old client running."""
 
-    def __init__(self, root: Path, keep: int = 3, validate: str = PY_COMPILE, where: str = "opt"):
+    def __init__(
+        self,
+        root: Path,
+        keep: int = 3,
+        validate: str = PY_COMPILE,
+        where: str = "opt",
+        health: str = "",
+    ):
         self.root = root
         self.script = root / where / "client.py"
         self.script.parent.mkdir(parents=True)
@@ -108,6 +116,7 @@ class Site:
                 python=toml_str(PYTHON),
                 keep=keep,
                 validate=toml_str(validate),
+                health=toml_str(health),
                 pidfile=toml_str(self.pidfile),
                 run=toml_str(PYTHON + " {{ script_path | quote }}"),
             )
@@ -522,3 +531,29 @@ def test_a_guard_whose_pid_was_reused_is_replaced_too(site, monkeypatch, tmp_pat
         other.wait()
     assert res.result is Outcome.ROLLED_BACK, res.error
     assert site.script.read_bytes() == site.old
+
+
+def test_validate_runs_on_the_staged_new_script(tmp_path):
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path, validate="grep -q 'release 2' {{ path | quote }}")
+        assert site.run(release="2").result is Outcome.UPGRADED
+        assert site.run(release="3").result is Outcome.FAILED  # the staged file says 3
+        assert site.script.read_bytes() == client_source("2")
+    finally:
+        reaper.kill_all()
+
+
+def test_failing_health_command_in_the_soak_rolls_back(tmp_path):
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path, health="grep -q 'release 0' {{ script_path | quote }}")
+        res = site.run(release="2")
+        assert res.result is Outcome.ROLLED_BACK
+        assert res.error.type == "VerifyError" and res.error.step == "soak"
+        assert "health" in res.error.message
+        assert site.script.read_bytes() == site.old
+        assert pidfile_alive(site.pidfile)
+        assert_window_closed(site.api)
+    finally:
+        reaper.kill_all()
