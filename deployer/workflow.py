@@ -110,6 +110,7 @@ class HostRun:
         self.swap_at = 0.0
         self.guard_pid: int | None = None
         self.guard_armed = False
+        self.keep_lock = False  # an undisarmed guard: the lock stays, recover finishes
         self.backup_path: str | None = None
 
     # -- the run ------------------------------------------------------------------
@@ -453,6 +454,7 @@ class HostRun:
             try:
                 self._disarm()
             except DeployerError as exc:
+                self.keep_lock = True
                 self._message(f"could not disarm the guard (it gives up by itself): {exc}")
         if self.window_open_since is not None:
             try:
@@ -486,7 +488,8 @@ class HostRun:
             if not lines and self._installed() == self.old_sha:
                 return Outcome.FAILED  # the guard never ran: nothing changed
             if state not in ("reverted", "aborted"):
-                alive = bool(lines) and self._guard_alive(lines[0].get("pid"))
+                # a guard that hit an error no longer reads its control files
+                alive = state != "error" and self._guard_alive(lines[0].get("pid"))
                 state = self._ask_guard_to_revert(relaunch=not alive)
             self._shut_window()
             last = self._guard_last()
@@ -519,7 +522,14 @@ class HostRun:
     def _guard_alive(self, pid: Any) -> bool:
         if not isinstance(pid, int):
             return False
-        return self.remote.run(f"kill -0 {pid}", check=False).ok
+        # not just `kill -0`: after a reboot the pid may be another process, and a
+        # killed guard may linger as a zombie
+        stat = f"/proc/{pid}/stat"
+        check = (
+            f's=$(cat {stat} 2>/dev/null) && case "${{s##*) }}" in Z*|X*) exit 1;; esac '
+            f"&& grep -qa guard.py /proc/{pid}/cmdline"
+        )
+        return self.remote.run(check, check=False).ok
 
     def _ask_guard_to_revert(self, relaunch: bool = False) -> str:
         if self.window_open_since is None:
@@ -628,6 +638,12 @@ class HostRun:
     def _clean_host(self, outcome: Outcome) -> None:
         if outcome is Outcome.UPGRADED or outcome is Outcome.ROLLED_BACK:
             prune_backups(self.remote, self.paths, self.host.keep_backups)
+        if self.keep_lock:
+            self._message(
+                "kept the host lock and run files: the guard could not be disarmed; "
+                "run `deployer recover` to finish this host"
+            )
+            return
         self.remote.run(sh("rm", "-rf", self.paths.run_dir))
         if self.locked:
             release_lock(self.remote, self.paths)

@@ -513,12 +513,6 @@ def test_a_guard_gone_in_the_soak_is_replaced_by_a_reverting_one(site, monkeypat
     assert_window_closed(site.api)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workflow.py:519-522 _guard_alive trusts `kill -0 PID` of the status file's first line: "
-    "after a host reboot (or with a zombie guard) that pid is alive but not the guard, so "
-    "deployer touches `revert` for a guard that is gone and ends unsafe after REVERT_WAIT",
-)
 def test_a_guard_whose_pid_was_reused_is_replaced_too(site, monkeypatch, tmp_path):
     monkeypatch.setattr(workflow, "COMMIT_WAIT", 1.0)
     monkeypatch.setattr(workflow, "REVERT_WAIT", 3.0)
