@@ -273,7 +273,7 @@ class ProviderAPI:
     def _next_wait(
         self, policy: RetryPolicy, exc: ApiError, attempt: int, start: float
     ) -> float | None:
-        if not policy.should_retry(exc) or attempt >= policy.attempts:
+        if not policy.should_retry(exc) or attempt >= policy.attempts_for(exc):
             return None
         remaining = start + policy.deadline - self._clock.now()
         if remaining <= 0:

@@ -59,6 +59,14 @@ def _environment(loader: Any = None) -> Any:
     )
     env.filters["quote"] = quote
     env.policies["json.dumps_kwargs"] = dict(JSON_DUMPS_KWARGS)
+    builtin_tojson = env.filters["tojson"]
+
+    def tojson(eval_ctx: Any, value: Any, indent: Any = None) -> Any:
+        if isinstance(value, jinja2.Undefined):
+            str(value)  # StrictUndefined raises UndefinedError naming the missing var
+        return builtin_tojson(eval_ctx, value, indent)
+
+    env.filters["tojson"] = jinja2.pass_eval_context(tojson)
     return env
 
 

@@ -20,6 +20,7 @@ from deployer.errors import ApiError, ApiTransientError
 # Provider codes worth another try (SPEC 1): not connected, not disconnected,
 # too many calls. 21, 23, 24 and 31 are never retried.
 RETRYABLE_CODES: frozenset[int] = frozenset({11, 12, 22})
+THROTTLED_CODE = 22
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class RetryPolicy:
     deadline: float  # seconds since the first try after which no retry starts
     retry_codes: frozenset[int] = RETRYABLE_CODES
     retry_transient: bool = True  # network errors, timeouts, HTTP 5xx, bad replies
+    # 22 (too many calls) says "later", not "broken": it is retried until the
+    # deadline, up to this many tries, while the shared limiter slows everyone
+    throttled_attempts: int = 30
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -50,6 +54,12 @@ class RetryPolicy:
         for retry in range(self.attempts - 1):
             yield self.delay(retry, rng)
 
+    def attempts_for(self, error: ApiError) -> int:
+        """How many tries in all a failure of this kind gets."""
+        if error.code == THROTTLED_CODE:
+            return max(self.attempts, self.throttled_attempts)
+        return self.attempts
+
     def should_retry(self, error: ApiError) -> bool:
         """True if ``error`` is of a kind this policy retries."""
         if isinstance(error, ApiTransientError):
@@ -59,7 +69,13 @@ class RetryPolicy:
     def without_codes(self) -> RetryPolicy:
         """The same timing, retrying transient failures only (for raw calls)."""
         return RetryPolicy(
-            self.attempts, self.base, self.cap, self.deadline, frozenset(), self.retry_transient
+            self.attempts,
+            self.base,
+            self.cap,
+            self.deadline,
+            frozenset(),
+            self.retry_transient,
+            self.throttled_attempts,
         )
 
 
@@ -71,4 +87,4 @@ DEFAULT_RETRY = RetryPolicy(attempts=5, base=0.5, cap=8.0, deadline=30.0)
 HARD_RETRY = RetryPolicy(attempts=30, base=0.5, cap=10.0, deadline=90.0)
 
 # One try, for callers that do their own polling.
-NO_RETRY = RetryPolicy(attempts=1, base=0.0, cap=0.0, deadline=0.0)
+NO_RETRY = RetryPolicy(attempts=1, base=0.0, cap=0.0, deadline=0.0, throttled_attempts=1)

@@ -382,12 +382,6 @@ def without_sandbox_url(sb: Sandbox) -> Sandbox:
     return Sandbox(sb.dir, broken, sb.info, sb.client)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deployer/render.py: `{{ name | tojson }}` on a missing var raises TypeError "
-    "(StrictUndefined is not JSON serializable) instead of UndefinedError, so the message "
-    "names the template line but not the missing var",
-)
 def test_a_missing_var_is_named_in_the_error(quiet_fleet):
     code, out, err = without_sandbox_url(quiet_fleet).run_cli("upgrade", "sbx-01", "--json")
 

@@ -222,7 +222,6 @@ def test_codes_that_are_never_retried(serve, make_api, clock, code, cls, call):
     [
         (11, NotConnected, "connect"),
         (12, NotDisconnected, "disconnect"),
-        (22, TooManyCalls, "connect"),
     ],
 )
 def test_retried_codes_back_off_with_full_jitter_then_raise(
@@ -240,6 +239,26 @@ def test_retried_codes_back_off_with_full_jitter_then_raise(
     assert api.calls_for("pi-01") == 4
     assert [h for h, _ in events.messages] == ["pi-01"] * 3
     assert "retry 1/3" in events.messages[0][1]
+
+
+def test_too_many_calls_is_retried_past_the_attempts_until_the_deadline(serve, make_api, clock):
+    # 22 means "later": it gets throttled_attempts tries within the deadline, not attempts
+    policy = RetryPolicy(attempts=2, base=0.1, cap=0.2, deadline=1000.0, throttled_attempts=6)
+    script = serve(reply(22, False, "slow down"))
+    api = make_api(retry=policy)
+    with pytest.raises(TooManyCalls) as info:
+        api.connect(HOST)
+    assert script.count == 6 and len(clock.sleeps) == 5
+    assert "gave up after 6 attempts" in str(info.value)
+
+
+def test_too_many_calls_stops_at_the_deadline(serve, make_api, clock):
+    policy = RetryPolicy(attempts=2, base=1.0, cap=1.0, deadline=0.5, throttled_attempts=50)
+    script = serve(reply(22, False, "slow down"))
+    api = make_api(retry=policy)
+    with pytest.raises(TooManyCalls):
+        api.connect(HOST)
+    assert script.count < 50 and sum(clock.sleeps) <= 0.5 + 1e-9
 
 
 def test_a_retried_code_that_clears_returns_normally(serve, make_api, clock):
