@@ -42,9 +42,10 @@ PROVIDER_TYPES: dict[str, type] = {
     "user_id": str,
     "rate_limit": float,
     "timeout": float,
+    "offline_detection": float,
 }
 PROVIDER_REQUIRED = ("api_url", "ssh_host", "user_id")
-PROVIDER_DEFAULTS = {"rate_limit": 5.0, "timeout": 10.0}
+PROVIDER_DEFAULTS = {"rate_limit": 5.0, "timeout": 10.0, "offline_detection": 30.0}
 
 # Settings that [defaults], [groups.X] and [hosts.X] may all hold.
 SETTING_TYPES: dict[str, type] = {
@@ -430,7 +431,7 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
             raise source.error(("provider",), f"missing key '{name}'", f'add {name} = "..."')
         _check_nonempty(table[name], ("provider", name), source)
     values = {**PROVIDER_DEFAULTS, **table}
-    for name in ("rate_limit", "timeout"):
+    for name in ("rate_limit", "timeout", "offline_detection"):
         _check_number(0, strict=True)(values[name], ("provider", name), source)
     _check_api_url(values["api_url"], source)
     return ProviderConfig(
@@ -439,6 +440,7 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
         user_id=Secret(values["user_id"]),
         rate_limit=values["rate_limit"],
         timeout=values["timeout"],
+        offline_detection=values["offline_detection"],
     )
 
 

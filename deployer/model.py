@@ -19,6 +19,7 @@ class ProviderConfig:
     user_id: Secret
     rate_limit: float = 5.0  # API calls per second for the whole run
     timeout: float = 10.0  # seconds per API request
+    offline_detection: float = 30.0  # seconds the provider takes to see a client offline
 
 
 @dataclass(frozen=True)

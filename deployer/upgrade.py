@@ -8,6 +8,7 @@ over the fleet with one API session, one rate limiter and one journal.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from deployer.plan import HostPlan, plan_host
 from deployer.result import RunResult
 from deployer.rollout import HostControl, Rollout, RolloutPolicy
 from deployer.workflow import HostRun, RunContext, UpgradeOptions
+
+log = logging.getLogger("deployer.upgrade")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def owner_label() -> str:
 def plan_all(request: UpgradeRequest, run_id: str) -> list[HostPlan]:
     """Stage 1 for every host; raises LocalInputError before any network call."""
     render = request.options.command != "rollback"
-    return [
+    plans = [
         plan_host(
             request.inventory,
             host,
@@ -63,6 +66,24 @@ def plan_all(request: UpgradeRequest, run_id: str) -> list[HostPlan]:
         )
         for host in request.hosts
     ]
+    warn_short_soak(plans, request.inventory.provider.offline_detection)
+    return plans
+
+
+def warn_short_soak(plans: list[HostPlan], offline_detection: float) -> list[str]:
+    """SPEC 4: a soak no longer than the provider's offline detection proves little."""
+    short = [p.name for p in plans if p.stable_for <= offline_detection]
+    if short:
+        log.warning(
+            "stable_for %gs does not exceed the provider's offline detection (%gs) on %d "
+            "host(s), e.g. %s: a client that dies in the soak may still read online at "
+            "commit; raise stable_for (or set provider.offline_detection)",
+            min(p.stable_for for p in plans),
+            offline_detection,
+            len(short),
+            short[0],
+        )
+    return short
 
 
 def ssh_factory(inventory: Inventory):

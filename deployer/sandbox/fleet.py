@@ -408,6 +408,8 @@ def inventory_text(root: Path, config: dict[str, Any], base_url: str) -> str:
         "user_id": config["user_id"],
         "rate_limit": t.api_rate_limit,
         "timeout": t.api_timeout,
+        # the simulator's offline detection: stable_for must exceed it (SPEC 4)
+        "offline_detection": float(config.get("faults", {}).get("offline_after", 1.5)),
     }
     defaults = {
         "ssh_user": config["user"],
