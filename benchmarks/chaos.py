@@ -18,6 +18,9 @@ simulator's ``/sandbox/state`` and the host's files, see :mod:`tests.chaos`):
   return (the heartbeats' lag), or recover exits 3, or ``history`` shows no
   final result for the run.
 
+A host lock left after recover (SPEC 6: recover releases locks) is counted
+as ``lock_left_after_recover`` and then removed, so the host stays usable.
+
 "Time until safe" is from the kill to the first look at which the host was
 (settled) safe. Prints one JSON document.
 
@@ -32,6 +35,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +53,9 @@ from tests.chaos import (  # noqa: E402
     KILL_STAGES,
     FleetHandle,
     KillOutcome,
+    host_dir,
     kill_point,
+    lock_held,
     random_kill,
     recover,
 )
@@ -101,6 +107,8 @@ def without_recover(
             ]
             out += [f.result() for f in futures]
         recover(handle.inventory)  # tidy up: locks, tunnels (not measured)
+        for o in out[-len(hosts) :]:
+            o.lock_left = _clear_lock(handle, o.host)
         _progress("without recover", out, runs)
     return out
 
@@ -115,9 +123,19 @@ def with_recover(
         host = hosts[i % len(hosts)]
         i += 1
         out.append(kill_point(handle, host, stage, releases.next(), delay=delay))
+        _clear_lock(handle, host)
         if i % 10 == 0:
             _progress("with recover", out, runs)
     return out
+
+
+def _clear_lock(handle: FleetHandle, host: str) -> bool:
+    """A lock that recover left behind would refuse every later point on the host:
+    count it, then remove it as an operator would (``--break-lock``)."""
+    if not lock_held(handle.dir, host):
+        return False
+    shutil.rmtree(host_dir(handle.dir, host) / ".client.py.deployer" / "lock")
+    return True
 
 
 def _progress(mode: str, out: list[KillOutcome], runs: int) -> None:
@@ -168,6 +186,7 @@ def summarize(points: list[KillOutcome]) -> dict[str, Any]:
             for o in unsafe
         ],
     }
+    summary["lock_left_after_recover"] = sum(o.lock_left for o in killed)
     if killed and not killed[0].with_recover:
         summary["unsafe_for_seconds"] = _seconds([o.unsafe_for for o in killed])
     else:
@@ -175,7 +194,6 @@ def summarize(points: list[KillOutcome]) -> dict[str, Any]:
         summary["recover_results"] = dict(Counter(str(o.recover_result) for o in killed))
         summary["safe_at_recover_return"] = sum(bool(o.safe_at_return) for o in killed)
         summary["history_final_result"] = sum(o.history_result in FINAL_RESULTS for o in killed)
-        summary["lock_left"] = sum(o.lock_left for o in killed)
     return summary
 
 
