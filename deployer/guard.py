@@ -59,6 +59,7 @@ class Guard:
         self.status_path = os.path.join(self.run_dir, "status")
         self.service = make_service(cfg["service"])
         self.terminated = False
+        self.swapped = False
 
     # -- status and control files ------------------------------------------
 
@@ -101,6 +102,7 @@ class Guard:
             self.status("aborted", reason="rename failed: %s" % exc, changed=True)
             self.close_window()
             return 1
+        self.swapped = True
         self.status("swapped")
         try:
             return self.watch(started, backup)
@@ -117,6 +119,8 @@ class Guard:
         self.status("armed", go_deadline=self.cfg["go_deadline"])
         end = time.time() + self.cfg["go_deadline"]
         while not self.control("go"):
+            if not os.path.isdir(self.run_dir):
+                return False  # deployer cleaned this run up: nothing to do, nothing to close
             reason = None
             if self.control("revert") or self.terminated:
                 reason = "disarmed before the swap"
@@ -405,6 +409,8 @@ def main(argv):
             return guard.revert("the guard of this run is gone; reverting for deployer", backup)
         return guard.run()
     except Exception as exc:  # noqa: BLE001 - last line of defence: report and undo
+        if not os.path.isdir(cfg["run_dir"]) and not guard.swapped:
+            return 4  # disarmed by cleanup before it swapped: this run is over
         try:
             guard.status("error", reason="%s: %s" % (type(exc).__name__, exc))
         except Exception:  # noqa: BLE001 - even the status file may be the problem

@@ -531,7 +531,8 @@ class Journal:
         }
 
     def dangling(self, exclude_live: bool = True) -> list[DanglingHost]:
-        """Every (run, host) that started and has no final result, oldest first.
+        """Every (run, host) that started and has no final result, oldest first,
+        and every host whose cleanup could not release its lock (``lock_maybe_held``).
 
         With ``exclude_live``, runs whose process still runs on this machine are
         skipped: they are in progress, not dangling. Runs recorded on another
@@ -546,7 +547,10 @@ class Journal:
             "   WHERE s.run_id = h.run_id AND s.host = h.host"
             "   ORDER BY s.id DESC LIMIT 1) AS last_status"
             " FROM hosts h LEFT JOIN runs r ON r.run_id = h.run_id"
-            " WHERE h.result IS NULL ORDER BY h.started, h.run_id, h.host",
+            " WHERE h.result IS NULL"
+            # a final result whose cleanup could not release the host lock
+            "    OR json_extract(h.facts, '$.lock_maybe_held') = 1"
+            " ORDER BY h.started, h.run_id, h.host",
             (STEP_STARTED,),
         )
         found = []

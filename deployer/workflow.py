@@ -32,6 +32,7 @@ from deployer.errors import (
     DeployerError,
     GuardError,
     Interrupted,
+    LockHeld,
     RemoteError,
     SshConnectError,
     VerifyError,
@@ -42,6 +43,7 @@ from deployer.hostfiles import (
     prune_backups,
     read_file,
     read_guard_status,
+    read_lock,
     release_lock,
     remote_sha256,
     take_lock,
@@ -61,6 +63,7 @@ SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
 REVERT_WAIT = 90.0  # seconds for the guard to finish a revert
 DISARM_WAIT = 10.0  # seconds for an armed guard to give up when asked
+CLEANUP_REATTACH = 30.0  # seconds cleanup tries to reach a host again to release its lock
 REATTACH_EVERY = 2.0  # seconds between attempts to reach a host again
 REATTACH_MARGIN = 60.0  # past the guard's deadline, give up reaching the host
 
@@ -236,13 +239,17 @@ class HostRun:
 
     def _lock(self) -> None:
         self._note(lock_maybe_held=True)
-        take_lock(
-            self.remote,
-            self.paths,
-            self.ctx.owner,
-            self.clock.wall(),
-            break_lock=self.ctx.options.break_lock,
-        )
+        try:
+            take_lock(
+                self.remote,
+                self.paths,
+                self.ctx.owner,
+                self.clock.wall(),
+                break_lock=self.ctx.options.break_lock,
+            )
+        except LockHeld:
+            self._leave_tunnel_to_the_lock_holder()
+            raise
         self.locked = True
 
     def _inspect(self) -> bool:
@@ -252,6 +259,8 @@ class HostRun:
             self._pick_backup()
         self._note(old_sha256=self.old_sha, new_sha256=self.new_sha)
         if self.ctx.options.dry_run:
+            if read_lock(self.remote, self.paths) is not None:
+                self._leave_tunnel_to_the_lock_holder()  # a run is in progress there
             self.diff = self._diff()
             return self.old_sha != self.new_sha or self.ctx.options.force
         return self.old_sha != self.new_sha or self.ctx.options.force
@@ -464,8 +473,19 @@ class HostRun:
                 outcome = Outcome.UNSAFE
         return outcome
 
+    def _leave_tunnel_to_the_lock_holder(self) -> None:
+        """Another deployer works on this host through the same tunnel: never close it."""
+        self.tunnel_opened = False
+        self.locked = False
+        self._note(tunnel_opened=False, lock_maybe_held=False)
+
     def _disarm(self) -> None:
         """Stop an armed guard before the lock goes: it must not act on a later run."""
+        lines = read_guard_status(self.remote, self.paths)
+        if lines and lines[-1].get("state") in FINAL_GUARD_STATES:
+            return
+        if not lines or not self._guard_alive(lines[0].get("pid")):
+            return  # it never ran, or is gone: nothing left that could act
         self.remote.run(sh("touch", self.paths.control("revert")))
         end = self.clock.now() + DISARM_WAIT
         while self._guard_last().get("state") not in FINAL_GUARD_STATES:
@@ -568,12 +588,14 @@ class HostRun:
                 "after the revert the installed script is not the old one", host=self.host.name
             )
 
-    def _reattach(self) -> None:
+    def _reattach(self, within: float | None = None) -> None:
         """The SSH session is gone (a cut tunnel): reach the host again."""
         if self.remote is not None:
             self.remote.close()
         self.remote = None
         end = self.swap_at + self.plan.guard_deadline + REATTACH_MARGIN
+        if within is not None:
+            end = self.clock.now() + within
         while self.clock.now() < end:
             try:
                 if self.api.client_status(self.host):
@@ -616,6 +638,12 @@ class HostRun:
                 self._shut_window()
             except DeployerError:
                 outcome, status = Outcome.UNSAFE, "failed"
+        if self.locked and outcome is not Outcome.UNSAFE and not self._ssh_alive():
+            try:  # the session was lost: reach the host again to release its lock
+                self._reattach(within=CLEANUP_REATTACH)
+            except DeployerError as exc:
+                status = "failed"
+                self._message(f"the host lock stays until `deployer recover`: {exc}")
         if self.remote is not None and outcome is not Outcome.UNSAFE:
             try:
                 self._clean_host(outcome)

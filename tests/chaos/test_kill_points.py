@@ -129,14 +129,6 @@ def test_a_kill_in_cleanup_after_commit_keeps_the_upgrade(fleet):
     assert sha256_file(host_dir(fleet.dir, host) / "client.py") == new_sha
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="killed after `guard_armed` was journalled and before the guard started, "
-    "recover waits for a guard that never ran to confirm it was disarmed (twice "
-    "DISARM_WAIT), reports a GuardError and keeps the host lock 'for recover' while "
-    "it records a final result, so no later recover releases it (workflow.py "
-    "HostRun._disarm, keep_lock in _clean_host)",
-)
 def test_a_kill_while_arming_the_guard_recovers_without_waiting_for_a_guard_that_never_ran(
     fleet,
 ):

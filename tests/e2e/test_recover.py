@@ -138,12 +138,6 @@ def test_an_ssh_session_cut_mid_upload_leaves_the_installed_script_untouched(fle
     assert state["api_calls"]["set_allow_clientless"] == before_calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a lost SSH session before the swap, cleanup cannot reach the host: "
-    "the lock stays held although the host's result is final (`failed`), so recover "
-    "ignores it and the next upgrade is refused with LockHeld (workflow.py _cleanup)",
-)
 def test_an_ssh_session_cut_mid_upload_leaves_no_lock_behind(fleet, cut_upload):
     assert not lock_held(fleet.dir, cut_upload["host"])
 
@@ -246,12 +240,6 @@ def test_two_deployers_on_one_host_one_is_refused_and_nothing_breaks(fleet, two_
     _wait_healthy(fleet, two_at_once["host"], two_at_once["shas"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the refused deployer's cleanup calls `disconnect` on the tunnel the lock "
-    "holder uses, cutting its SSH session mid-run (workflow.py _open_tunnel sets "
-    "tunnel_opened even when the lock is then refused; _cleanup disconnects)",
-)
 def test_two_deployers_on_one_host_the_lock_holder_still_upgrades(fleet, two_at_once):
     winner = [r for r in two_at_once["runs"] if r not in _refused(two_at_once["runs"])]
     assert [(code, report["result"]) for code, report, _ in winner] == [(0, "upgraded")], [
