@@ -19,7 +19,8 @@ What it does, writing one JSON line per step to ``run_dir/status``:
 4. ``started``    start the new client;
 5. then watch until one of:
    - ``run_dir/commit`` appears -> ``committed``, exit: the new script stays;
-   - ``run_dir/revert`` appears, the new client's process dies, or the
+   - ``run_dir/revert`` appears, the new client's process dies, deployer
+     stops touching ``run_dir/alive`` for ``silence_limit`` seconds, or the
      deadline passes (``deadline`` from start; once ``run_dir/firstlife``
      appears it tightens to ``soak_deadline`` from then) -> revert:
      stop the new client, restore the backup, start the old client, wait
@@ -168,11 +169,24 @@ class Guard:
                 reason = "the guard was terminated"
             elif now > deadline:
                 reason = "deadline passed without a commit"
+            elif self.deployer_silent(now):
+                reason = "deployer went silent before the commit"
             elif not self.service.running():
                 reason = "the new client's process exited"
             if reason:
                 return self.revert(reason, backup)
             time.sleep(POLL)
+
+    def deployer_silent(self, now):
+        """Deployer touches ``alive`` each time it reads the status; a deployer
+        that vanished (killed, its machine or network gone) stops doing so. Then
+        waiting for the deadline would only keep the window open longer."""
+        limit = self.cfg.get("silence_limit")
+        try:
+            seen = os.stat(os.path.join(self.run_dir, "alive")).st_mtime
+        except OSError:
+            return False  # not yet heard from: the deadline covers that
+        return bool(limit) and now - seen > limit
 
     # -- the undo -------------------------------------------------------------
 

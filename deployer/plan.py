@@ -20,6 +20,7 @@ from deployer.model import HostConfig, Inventory
 SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life,
 # plus two API timeouts: the soak ends with a client_status call that may be retried
 GO_DEADLINE = 60.0  # seconds an armed guard waits for the swap's go (window opening)
+SILENCE_MIN = 15.0  # + 3 API timeouts: deployer unheard this long before commit is gone
 GUARD_EXTRA = 60.0  # default guard deadline = online_timeout + stable_for + this
 
 
@@ -128,6 +129,7 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
         "deadline": plan.guard_deadline,
         "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * host.timeout,
         "go_deadline": min(plan.guard_deadline, GO_DEADLINE),
+        "silence_limit": SILENCE_MIN + 3 * host.timeout,
         "api": {
             "url": host.api_url,
             "timeout": host.timeout,

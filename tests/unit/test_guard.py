@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,28 @@ def test_guard_error_before_the_swap_closes_the_window(host, provider):
     assert "Error" in error["reason"]
     assert host.script.read_bytes() == OLD and pidfile_alive(host.pidfile)
     wait_for(lambda: not provider.api.window_open, timeout=3.0)
+
+
+def test_a_silent_deployer_makes_the_guard_revert_before_its_deadline(host):
+    host.install_old()
+    host.start_guard(deadline=60.0, silence_limit=1.0)
+    host.wait_state("started")
+    host.touch("alive")  # deployer read the status once, then vanished
+    reverting = host.wait_state("reverting", timeout=8.0)
+    assert reverting["reason"] == "deployer went silent before the commit"
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+
+
+def test_a_deployer_that_keeps_reading_is_not_silent(host):
+    host.install_old()
+    host.start_guard(deadline=60.0, silence_limit=1.0)
+    host.wait_state("started")
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+        host.touch("alive")
+        time.sleep(0.2)
+    assert "reverting" not in host.states()
+    host.touch("commit")
+    host.wait_state("committed")
+    assert host.script.read_bytes() == NEW
