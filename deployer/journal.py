@@ -35,6 +35,7 @@ from typing import Any
 from deployer.clock import Clock
 from deployer.errors import JournalError
 from deployer.events import EventSink
+from deployer.pids import pid_alive
 from deployer.result import HostResult, iso
 from deployer.secrets import scrub
 
@@ -147,30 +148,13 @@ def process_start_token(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[-1].split()
-    return bool(fields) and fields[0] in ("Z", "X")
-
-
 def process_is_live(machine: str, pid: int, pid_start: str | None = None) -> bool:
     """Is ``pid`` alive on this machine (and the same process that was recorded)?
 
     A run recorded on another machine cannot be checked and counts as not live.
     """
-    if machine != machine_name() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    if _is_zombie(pid):
-        return False  # killed, not yet reaped: gone for our purposes
+    if machine != machine_name() or not pid_alive(pid):
+        return False  # another machine, gone, or killed and not yet reaped
     if pid_start is not None:
         current = process_start_token(pid)
         if current is not None and current != pid_start:

@@ -31,6 +31,7 @@ from typing import Any
 
 from deployer.errors import ApiError, RemoteCommandError, SshConnectError
 from deployer.events import EventSink
+from deployer.pids import pid_alive
 from deployer.remote import CommandResult
 
 PYTHON = sys.executable
@@ -98,23 +99,6 @@ def read_pid(pidfile: str | Path) -> int | None:
         return int(Path(pidfile).read_text().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if ``pid`` runs and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def pidfile_alive(pidfile: str | Path) -> bool:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from deployer.pids import pid_alive
+
 STOP_TIMEOUT = 5.0  # SIGTERM, then SIGKILL after this long (the pidfile convention)
 POLL = 0.05
 
@@ -57,17 +59,7 @@ def read_pidfile(path: Path) -> int | None:
 
 def alive(pid: int) -> bool:
     """``kill -0`` succeeds and the process is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return pid_alive(pid)
 
 
 def cmdline(pid: int) -> str:
