@@ -36,7 +36,9 @@ def write_config(path: Path, *, port: int, host_key: Path, authorized_keys: Path
         "ListenAddress 127.0.0.1",
         f"HostKey {_quoted(host_key)}",
         f"PidFile {_quoted(pidfile)}",
-        f"AuthorizedKeysFile {_quoted(authorized_keys)}",
+        # the sandbox's key for the current user; a user's own file too, so a
+        # test can log in as a non-root user (the sudo hosts of the inventory)
+        f"AuthorizedKeysFile {_quoted(authorized_keys)} .ssh/authorized_keys",
         "StrictModes no",
         "UsePAM no",
         "PubkeyAuthentication yes",
