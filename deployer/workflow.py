@@ -509,7 +509,7 @@ class HostRun:
                 return Outcome.FAILED  # the guard never ran: nothing changed
             if state not in ("reverted", "aborted"):
                 # a guard that hit an error no longer reads its control files
-                alive = state != "error" and self._guard_alive(lines[0].get("pid"))
+                alive = bool(lines) and state != "error" and self._guard_alive(lines[0].get("pid"))
                 state = self._ask_guard_to_revert(relaunch=not alive)
             self._shut_window()
             last = self._guard_last()

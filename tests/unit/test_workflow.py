@@ -551,3 +551,22 @@ def test_failing_health_command_in_the_soak_rolls_back(tmp_path):
         assert_window_closed(site.api)
     finally:
         reaper.kill_all()
+
+
+def test_a_guard_whose_status_file_is_gone_is_replaced_by_a_reverting_one(site, monkeypatch):
+    # e.g. a host that lost its tmpfs-backed run files: the new script is installed but
+    # no guard status is left to read; deployer must start a reverting guard itself
+    monkeypatch.setattr(workflow, "COMMIT_WAIT", 1.0)
+
+    def vanish():
+        pid = guard_pid(site)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid))
+        (site.runs()[0] / "status").write_text("")
+
+    site.events.hooks["soak"] = vanish
+    res = site.run(release="2")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert site.factory.current.ran("guard.py --detach --revert")
+    assert site.script.read_bytes() == site.old
+    assert_window_closed(site.api)
