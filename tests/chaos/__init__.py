@@ -37,22 +37,10 @@ from typing import Any
 
 from deployer.sandbox import processes
 from deployer.sandbox.client import SandboxClient
+from tests.spec import SPEC_STEPS
 
 # The stages of SPEC 4 that a kill can land in (preflight acts on nothing).
-KILL_STAGES = (
-    "tunnel",
-    "ssh",
-    "lock",
-    "inspect",
-    "stage",
-    "open_window",
-    "swap",
-    "first_life",
-    "close_window",
-    "soak",
-    "commit",
-    "cleanup",
-)
+KILL_STAGES = SPEC_STEPS[1:]
 JOURNAL_POLL = 0.002  # seconds between looks at the journal while waiting for a stage
 STATE_POLL = 0.1  # seconds between looks at the simulator while waiting for safety
 SETTLE_MARGIN = 15.0  # seconds past the guard's deadline for its revert to finish

@@ -23,24 +23,10 @@ import tomllib
 
 from deployer.sandbox import processes
 from tests.sandbox_fixture import Sandbox, requires_openssh
+from tests.spec import SPEC_STEPS
 
 pytestmark = pytest.mark.e2e
 
-SPEC_STEPS = [
-    "preflight",
-    "tunnel",
-    "ssh",
-    "lock",
-    "inspect",
-    "stage",
-    "open_window",
-    "swap",
-    "first_life",
-    "close_window",
-    "soak",
-    "commit",
-    "cleanup",
-]
 SSHD_KINDS = [
     pytest.param("embedded", id="embedded"),
     pytest.param("openssh", id="openssh", marks=[pytest.mark.openssh, requires_openssh]),
@@ -163,7 +149,7 @@ def test_upgrade_installs_the_new_script_with_one_short_window_and_a_rerun_is_un
     assert code == 0, err
     assert report["result"] == "upgraded", report
     assert (report["old_sha256"], report["new_sha256"]) == (old_sha, new_sha)
-    assert [s["step"] for s in report["steps"]] == SPEC_STEPS
+    assert [s["step"] for s in report["steps"]] == list(SPEC_STEPS)
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
     assert report["error"] is None
     assert report["exposure_seconds"] > 0

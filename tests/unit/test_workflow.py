@@ -38,24 +38,11 @@ from tests.doubles import (
     start_client,
     wait_for,
 )
+from tests.spec import SPEC_STEPS
 
 pytestmark = pytest.mark.unit
 
-FORWARD_STEPS = [
-    "preflight",
-    "tunnel",
-    "ssh",
-    "lock",
-    "inspect",
-    "stage",
-    "open_window",
-    "swap",
-    "first_life",
-    "close_window",
-    "soak",
-    "commit",
-    "cleanup",
-]
+FORWARD_STEPS = list(SPEC_STEPS)
 
 INVENTORY = """\
 [provider]
