@@ -27,10 +27,6 @@ class DeployerError(Exception):
         self.host = host
         self.step = step
 
-    @property
-    def type_name(self) -> str:
-        return type(self).__name__
-
     def __str__(self) -> str:
         return self.message
 
@@ -63,7 +59,6 @@ class ApiError(DeployerError):
     """A provider API call failed. ``code`` is the provider's ``error_code``."""
 
     code: int | None = None
-    retryable = False
 
     def __init__(self, message: str, *, call: str, code: int | None = None, **kw):
         super().__init__(message, **kw)
@@ -75,17 +70,13 @@ class ApiError(DeployerError):
 class ApiTransientError(ApiError):
     """Network error, timeout, HTTP 5xx or a reply that is not SPEC-shaped JSON."""
 
-    retryable = True
-
 
 class NotConnected(ApiError):
     code = 11
-    retryable = True
 
 
 class NotDisconnected(ApiError):
     code = 12
-    retryable = True
 
 
 class InvalidApiCall(ApiError):
@@ -94,7 +85,6 @@ class InvalidApiCall(ApiError):
 
 class TooManyCalls(ApiError):
     code = 22
-    retryable = True
 
 
 class ClientBlocked(ApiError):

@@ -70,10 +70,6 @@ class Inventory:
     hosts: dict[str, HostConfig]  # in file order
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> host names
 
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
-
     def secret_values(self) -> list[str]:
         values = [self.provider.user_id.reveal()]
         for host in self.hosts.values():

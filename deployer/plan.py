@@ -119,7 +119,7 @@ def _service(host: HostConfig, context: dict[str, Any], paths: HostPaths) -> dic
 
 def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict[str, Any]:
     """The guard's CONFIG for this run. Holds API credentials: never log it."""
-    host = inventory.provider
+    provider = inventory.provider
     return {
         "run_dir": plan.paths.run_dir,
         "script_path": plan.paths.script_path,
@@ -127,14 +127,14 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
         "backup_path": backup_path,
         "service": plan.service,
         "deadline": plan.guard_deadline,
-        "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * host.timeout,
+        "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * provider.timeout,
         "go_deadline": min(plan.guard_deadline, GO_DEADLINE),
-        "silence_limit": SILENCE_MIN + 3 * host.timeout,
+        "silence_limit": SILENCE_MIN + 3 * provider.timeout,
         "api": {
-            "url": host.api_url,
-            "timeout": host.timeout,
+            "url": provider.api_url,
+            "timeout": provider.timeout,
             "params": {
-                "user_id": host.user_id.reveal(),
+                "user_id": provider.user_id.reveal(),
                 "dbid": plan.host.dbid.reveal(),
                 "host_uuid": plan.host.host_uuid.reveal(),
                 "ports_id": str(plan.host.ports_id),

@@ -196,11 +196,6 @@ class SshRemote:
             f"SSH to {where} failed: {type(exc).__name__}: {exc}", host=self.name, step="ssh"
         )
 
-    @property
-    def connected(self) -> bool:
-        transport = self._conn.transport if self._conn else None
-        return bool(transport and transport.is_active())
-
     def close(self) -> None:
         if self._sftp is not None:
             try:

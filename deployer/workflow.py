@@ -111,7 +111,6 @@ class HostRun:
         self.window_open_since: float | None = None
         self.exposure = 0.0
         self.swap_at = 0.0
-        self.guard_pid: int | None = None
         self.guard_armed = False
         self.keep_lock = False  # an undisarmed guard: the lock stays, recover finishes
         self.backup_path: str | None = None
@@ -330,7 +329,7 @@ class HostRun:
             f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
         )
         try:
-            self.guard_pid = int(res.stdout.strip().splitlines()[-1])
+            int(res.stdout.strip().splitlines()[-1])  # --detach prints the guard's pid
         except (ValueError, IndexError):
             raise GuardError(
                 f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host.name

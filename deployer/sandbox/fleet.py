@@ -580,8 +580,3 @@ def _wait_ports_closed(ports: list[int], timeout: float) -> list[int]:
         time.sleep(0.1)
         open_ports = [p for p in open_ports if processes.listening(p)]
     return open_ports
-
-
-def remove(dir: str | Path) -> None:  # noqa: A002
-    """Delete a stopped sandbox directory."""
-    shutil.rmtree(Path(dir).expanduser().resolve(), ignore_errors=True)
