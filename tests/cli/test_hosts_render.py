@@ -5,34 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
-from dataclasses import dataclass
 
 import pytest
-from click.testing import CliRunner
 
-from deployer.cli.main import main
+from tests.cli import Run, run
 from tests.unit.test_inventory import BASE, DBID, ENV, MALFORMED, SECRETS, UUID, write
 
 pytestmark = pytest.mark.cli
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run(*argv: str) -> Run:
-    """Run ``deployer ARGV`` through ``main`` (the boundary that maps errors to exit codes)."""
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        try:
-            main(list(argv))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return Run(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 @pytest.fixture

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from importlib.resources import files
 
 import pytest
-from click.testing import CliRunner
 
 from deployer.cli.init import STARTER_ENV
-from deployer.cli.main import main
 from deployer.inventory import PROVIDER_DEFAULTS, SETTING_TYPES, load_inventory
 from deployer.model import HostConfig, ServiceConfig
+from tests.cli import run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,18 +30,8 @@ RECOMMENDED = {"validate"}
 
 
 def run_init(cwd, *global_options: str) -> tuple[int, str, str]:
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        old = os.getcwd()
-        os.chdir(cwd)
-        try:
-            main([*global_options, "init"])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            os.chdir(old)
-        return code, out.getvalue().decode(), err.getvalue().decode()
+    res = run(*global_options, "init", cwd=cwd)
+    return res.code, res.stdout, res.stderr
 
 
 def test_init_writes_inventory_and_template(tmp_path):

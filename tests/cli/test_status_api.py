@@ -8,15 +8,13 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass
 from urllib.parse import quote, quote_plus
 
 import pytest
-from click.testing import CliRunner
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from deployer.cli.main import main
+from tests.cli import run
 
 pytestmark = pytest.mark.cli
 
@@ -54,24 +52,6 @@ ports_id = {ports_id}
 ssh_port = {ssh_port}
 groups = {groups}
 """
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run(*argv: str) -> Run:
-    runner = CliRunner()
-    with runner.isolation() as (out, err, _):
-        try:
-            main(list(argv))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return Run(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def ok(message: str = "OK", **extra) -> dict:
