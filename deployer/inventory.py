@@ -43,9 +43,15 @@ PROVIDER_TYPES: dict[str, type] = {
     "rate_limit": float,
     "timeout": float,
     "offline_detection": float,
+    "tunnel_timeout": float,
 }
 PROVIDER_REQUIRED = ("api_url", "ssh_host", "user_id")
-PROVIDER_DEFAULTS = {"rate_limit": 5.0, "timeout": 10.0, "offline_detection": 30.0}
+PROVIDER_DEFAULTS = {
+    "rate_limit": 5.0,
+    "timeout": 10.0,
+    "offline_detection": 30.0,
+    "tunnel_timeout": 30.0,
+}
 
 # Settings that [defaults], [groups.X] and [hosts.X] may all hold.
 SETTING_TYPES: dict[str, type] = {
@@ -77,7 +83,7 @@ HOST_ONLY_TYPES: dict[str, type] = {
 }
 HOST_REQUIRED = ("dbid", "host_uuid", "ports_id", "ssh_port")
 SERVICE_TYPES: dict[str, type] = {
-    name: str for name in ("kind", "unit", "pidfile", "run", "start", "stop", "check")
+    name: str for name in ("kind", "unit", "pidfile", "run", "start", "stop", "check", "ready")
 }
 # service.kind -> the fields it needs (non-empty after merging).
 SERVICE_REQUIRED: dict[str, tuple[str, ...]] = {
@@ -431,7 +437,7 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
             raise source.error(("provider",), f"missing key '{name}'", f'add {name} = "..."')
         _check_nonempty(table[name], ("provider", name), source)
     values = {**PROVIDER_DEFAULTS, **table}
-    for name in ("rate_limit", "timeout", "offline_detection"):
+    for name in ("rate_limit", "timeout", "offline_detection", "tunnel_timeout"):
         _check_number(0, strict=True)(values[name], ("provider", name), source)
     _check_api_url(values["api_url"], source)
     return ProviderConfig(
@@ -441,6 +447,7 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
         rate_limit=values["rate_limit"],
         timeout=values["timeout"],
         offline_detection=values["offline_detection"],
+        tunnel_timeout=values["tunnel_timeout"],
     )
 
 

@@ -20,6 +20,7 @@ class ProviderConfig:
     rate_limit: float = 5.0  # API calls per second for the whole run
     timeout: float = 10.0  # seconds per API request
     offline_detection: float = 30.0  # seconds the provider takes to see a client offline
+    tunnel_timeout: float = 30.0  # seconds to wait for the client's tunnel after connect
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ServiceConfig:
     start: str = ""  # command (jinja2)
     stop: str = ""  # command (jinja2)
     check: str = ""  # command (jinja2): exit 0 while the client runs
+    ready: str = ""  # any kind (jinja2): exit 0 once the NEW client has polled since the swap
 
 
 @dataclass(frozen=True)
