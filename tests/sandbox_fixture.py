@@ -1,21 +1,29 @@
-"""The ``sandbox`` pytest fixtures: a real local fleet (simulator, SSH server,
-client processes) in a tmp directory, torn down even when the test fails.
+"""The ``sandbox`` pytest fixtures: a real local SSHReach world (simulator,
+forwarding SSH server, one SSH server and one real client per host) in a tmp
+directory, torn down even when the test fails.
 
-- ``sandbox_factory(hosts=3, sshd="embedded", **faults)`` -> :class:`Sandbox`
+- ``sandbox_factory(hosts=3, sshd="embedded", **options)`` -> :class:`Sandbox`
   (function scope; any number of sandboxes per test);
 - ``module_sandbox_factory`` — the same, torn down at the end of the module;
-- ``sandbox`` — 3 hosts, embedded sshd, per test.
+- ``sandbox`` — 3 hosts, embedded SSH servers, profile fast, per test.
 
-``faults``: ``api_latency``, ``rate_limit``, ``fail_rate``, ``garbage_rate``,
-``offline_after`` at start; anything else later with ``sb.set_faults(...)``.
+``options``: anything :func:`deployer.sandbox.fleet.up` takes: ``profile``,
+``api_latency``, ``ssh_latency``, ``rate_limit``, ``fail_rate``,
+``garbage_rate``, ``offline_after``; faults later with ``sb.set_faults(...)``.
 ``sshd="openssh"`` skips the test when /usr/sbin/sshd is missing.
+
+Tunnels start closed: ``sb.connect(name)`` (the API call, as deployer makes it)
+then ``sb.client.wait_tunnel([name])`` before reaching a host by hand.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +69,33 @@ class Sandbox:
     def client_pid(self, name: str) -> int | None:
         return processes.read_pidfile(self.host_dir(name) / "client.pid")
 
+    @property
+    def document(self) -> dict[str, Any]:
+        """DIR/sandbox.json: ids, ports and paths (SPEC 7)."""
+        return json.loads((self.dir / "sandbox.json").read_text())
+
+    def iport(self, name: str) -> int:
+        """The host's tunnel port on the forwarding server (its inventory ssh_port)."""
+        return self.info.ssh_ports[name]
+
+    def tunnel_pids(self, name: str) -> list[int]:
+        return self.host(name)["tunnel_pids"]
+
+    def call(self, name: str, call: str, **extra: Any) -> dict[str, Any]:
+        """One provider API call for host ``name`` (no retry), its JSON reply."""
+        host = self.document["hosts"][name]
+        params = {k: host[k] for k in ("user_id", "dbid", "host_uuid", "ports_id")}
+        query = urllib.parse.urlencode({**params, **extra})
+        url = self.info.api_url.format(call=call) + "?" + query
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def connect(self, name: str, timeout: float = 15.0) -> list[int]:
+        """``connect``, then wait for the client's tunnel; its pids."""
+        reply = self.call(name, "connect")
+        assert reply["error_code"] == 0, reply
+        return self.client.wait_tunnel([name], timeout=timeout)[name]["tunnel_pids"]
+
     def run_cli(
         self, *args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None
     ) -> tuple[int, str, str]:
@@ -81,12 +116,12 @@ class _Factory:
         self._tmp = tmp_factory
         self._dirs: list[Path] = []
 
-    def __call__(self, hosts: int = 3, sshd: str = "embedded", **faults: Any) -> Sandbox:
+    def __call__(self, hosts: int = 3, sshd: str = "embedded", **options: Any) -> Sandbox:
         if sshd == "openssh" and not openssh.available():
             pytest.skip(f"{openssh.SSHD} not installed")
         root = self._tmp.mktemp("sandbox")
         self._dirs.append(root)
-        info = fleet.up(root, hosts=hosts, sshd=sshd, **faults)
+        info = fleet.up(root, hosts=hosts, sshd=sshd, **options)
         return Sandbox(root, info.inventory, info, info.client)
 
     def teardown(self) -> None:

@@ -25,13 +25,36 @@ DIR_OPTION = click.option(
 
 @click.group()
 def sandbox() -> None:
-    """The local simulated fleet: a provider simulator, an SSH server and N clients."""
+    """The local SSHReach world: a provider simulator, a forwarding SSH server,
+    and N hosts, each with its own SSH server and a real client that owns its tunnel."""
 
 
 @sandbox.command()
 @click.option("--hosts", default=3, show_default=True, type=int, help="Number of hosts.")
 @DIR_OPTION
-@click.option("--api-latency", default=0.0, type=float, metavar="S", help="Seconds per API reply.")
+@click.option(
+    "--profile",
+    type=click.Choice(["fast", "real"]),
+    default="fast",
+    show_default=True,
+    help="fast: polls every 0.5 s, offline after 1.5 s (tests); "
+    "real: polls every 5 s, offline after 30 s, API latency 0.2 s (as in production).",
+)
+@click.option(
+    "--api-latency",
+    default=None,
+    type=float,
+    metavar="S",
+    help="Seconds per API reply (default: the profile's).",
+)
+@click.option(
+    "--ssh-latency",
+    default=0.0,
+    type=float,
+    metavar="S",
+    help="Seconds added to each direction of every connection through a tunnel "
+    "(embedded forwarding server only).",
+)
 @click.option(
     "--rate-limit",
     default=DEFAULT_RATE_LIMIT,
@@ -48,12 +71,15 @@ def sandbox() -> None:
     type=click.Choice(["embedded", "openssh"]),
     default="embedded",
     show_default=True,
-    help="The SSH server: embedded (asyncssh, no root) or the system's OpenSSH.",
+    help="The SSH servers (forwarding and hosts): embedded (asyncssh, no root) "
+    "or the system's OpenSSH.",
 )
 def up(
     hosts: int,
     directory: str,
-    api_latency: float,
+    profile: str,
+    api_latency: float | None,
+    ssh_latency: float,
     rate_limit: float,
     fail_rate: float,
     sshd: str,
@@ -66,7 +92,9 @@ def up(
             directory,
             hosts=hosts,
             sshd=sshd,
+            profile=profile,
             api_latency=api_latency,
+            ssh_latency=ssh_latency,
             rate_limit=rate_limit,
             fail_rate=fail_rate,
         )
@@ -79,9 +107,10 @@ def up(
     click.echo(
         f"Sandbox up in {info.dir}: {len(info.hosts)} hosts "
         f"({info.hosts[0]} … {info.hosts[-1]}, group @sandbox), {info.sshd} sshd, "
-        f"release 1 online everywhere."
+        f"profile {info.profile}, release 1 online everywhere, tunnels closed."
     )
     click.echo(f"Simulator: {info.base_url}  (state: {info.state_url})")
+    click.echo(f"Forwarding server: 127.0.0.1:{info.forwarding_port}  (ids: {info.sandbox_json})")
     _next_steps(info)
 
 
@@ -146,14 +175,18 @@ def _print_table(state: dict) -> None:
         f"Faults: {active or 'none'} (rate limit {faults.get('rate_limit')}/s, "
         f"offline after {faults.get('offline_after')} s)"
     )
-    header = f"{'HOST':<10} {'ONLINE':<7} {'ALLOW':<6} {'TUNNEL':<7} {'CALLS':>5} "
-    click.echo(header + f"{'WINDOWS':>7}  SCRIPT")
+    header = f"{'HOST':<10} {'ONLINE':<7} {'ALLOW':<6} {'CMD':<4} {'TUNNEL':<14} {'CUTS':>4} "
+    click.echo(header + f"{'CALLS':>5} {'WINDOWS':>7}  SCRIPT")
     for name, host in state["hosts"].items():
         calls = sum(host["api_calls"].values())
         sha = (host.get("script_sha256") or "-")[:12]
+        tunnel = "pid " + ",".join(map(str, host["tunnel_pids"])) if host["tunnel_pids"] else "-"
+        if host["tunnel_open"] and not host["tunnel_pids"]:
+            tunnel = "open"
         click.echo(
             f"{name:<10} {_yes(host['online']):<7} {_yes(host['allow_clientless']):<6} "
-            f"{_yes(host['tunnel_open']):<7} {calls:>5} {len(host['exposures']):>7}  {sha}"
+            f"{host['command']:<4} {tunnel:<14} {host['tunnel_cuts']:>4} "
+            f"{calls:>5} {len(host['exposures']):>7}  {sha}"
         )
 
 

@@ -62,17 +62,13 @@ class SandboxClient:
 
     def set_faults(self, **changes: Any) -> dict[str, Any]:
         """Change faults at run time (latency, fail_rate, garbage_rate, rate_limit,
-        blocked, offline_after); returns the faults now in force."""
+        blocked, offline_after, connect_wait, client_script_error, poll_fail_rate,
+        disconnect_ssl_when_server_unreachable, offer_upgrade); returns the
+        faults now in force."""
         return self._request("/sandbox/faults", changes)
 
     def reset_counters(self) -> None:
         self._request("/sandbox/reset-counters", {})
-
-    def heartbeat(self, host_uuid: str, sha256: str = "", pid: int = 0) -> dict[str, Any]:
-        """Send one heartbeat as if from a client (benchmarks and tests)."""
-        return self._request(
-            "/sandbox/heartbeat", {"host_uuid": host_uuid, "sha256": sha256, "pid": pid}
-        )
 
     def wait_for(
         self, names: Iterable[str], predicate, timeout: float, what: str
@@ -94,3 +90,19 @@ class SandboxClient:
 
     def wait_offline(self, names: Iterable[str], timeout: float = 20.0) -> dict[str, Any]:
         return self.wait_for(names, lambda h: not h["online"], timeout, "offline")
+
+    def wait_tunnel(
+        self,
+        names: Iterable[str],
+        open: bool = True,
+        timeout: float = 20.0,  # noqa: A002
+    ) -> dict[str, Any]:
+        """Wait until each host's tunnel is open (a session forwards its IPORT and its
+        tunnel process is known) or, with ``open=False``, closed with no tunnel pid."""
+        if open:
+            return self.wait_for(
+                names, lambda h: h["tunnel_open"] and h["tunnel_pids"], timeout, "tunnel open"
+            )
+        return self.wait_for(
+            names, lambda h: not h["tunnel_open"] and not h["tunnel_pids"], timeout, "tunnel closed"
+        )

@@ -1,28 +1,45 @@
-"""``deployer sandbox up|down|status`` as a Python API: a local SSHReach
-simulator, an SSH server and N client processes, all in the background on
-127.0.0.1, described by an inventory in the sandbox directory.
+"""``deployer sandbox up|down|status`` as a Python API: the SSHReach world of
+SPEC 7 on 127.0.0.1, in the background, described by an inventory in the
+sandbox directory.
+
+What runs: the runner (:mod:`deployer.sandbox.runner`: the provider
+simulator, the forwarding SSH server, one SSH server per host) and, per host,
+a real client process (the rendered ``sandbox-client.py.j2``, which is the
+production ``client.py.j2`` with rehearsal faults) that polls the simulator
+and owns its tunnel process, a detached ``ssh -N -R IPORT:localhost:SSHD_PORT``
+to the forwarding server. deployer reaches host NAME as in production: the
+forwarding server (127.0.0.1) on NAME's IPORT, through that tunnel, to NAME's
+own SSH server.
 
 Layout of DIR::
 
-    deployer.toml            the fleet's inventory (pidfile service, sandbox timings)
-    id_ed25519(.pub)         deployer's client key (the SSH server's only authorized key)
-    ssh_host_ed25519_key     the SSH server's host key
-    known_hosts              that host key for [127.0.0.1]:PORT of every tunnel port
-    templates/               sandbox-client.py.j2, copied from the installed package
+    deployer.toml            the fleet's inventory (pidfile service, sandbox timings); 0600
+    sandbox.json             ids, ports and paths for outside tools (SPEC 7); 0600
+    id_ed25519(.pub)         deployer's key (the hosts' SSH servers authorize it)
+    ssh_host_ed25519_key     the host key of every host's SSH server
+    known_hosts              that key for [127.0.0.1]:IPORT of every host (deployer side)
+    account_key(.pub)        the account key the tunnels log in with (forwarding server)
+    forwarding_host_ed25519_key   the forwarding server's host key
+    forwarding_known_hosts   that key for [127.0.0.1]:FWD_PORT (client side)
+    templates/               client.py.j2 and sandbox-client.py.j2, copied from the package
     hosts/NAME/              a host's "filesystem": client.py, client.pid, client.log
-    sandbox.json             what the runner serves (ids, ports, faults); 0600
-    runner.json              the runner's pid and ports, once it listens
-    state.json               pids and ports of the whole sandbox, for status and down
-    logs/                    runner.log (simulator + embedded sshd), sshd.log (OpenSSH)
+                             (the client's own log), client.py.poll, client.out
+    provider/CLIENT_ID.py    what get_client_script answers for each host; 0600
+    sshd/                    OpenSSH configs and pidfiles (--sshd openssh)
+    config.json              what the runner starts from; 0600
+    runner.json, state.json  the runner's pid and ports; pids and ports for down
+    logs/                    runner.log; OpenSSH's logs (--sshd openssh)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -33,45 +50,85 @@ from pathlib import Path
 from typing import Any
 
 from deployer.errors import DeployerError, LocalInputError
-from deployer.sandbox import keys, processes
+from deployer.sandbox import keys, processes, procnet
 from deployer.sandbox.client import SandboxClient, SandboxClientError
 from deployer.sandbox.runner import (
+    ACCOUNT_KEY_FILE,
     CLIENT_KEY_FILE,
     CONFIG_FILE,
+    FORWARDING_KEY_FILE,
     HOST_KEY_FILE,
+    PROVIDER_DIR,
     RUNNER_FILE,
-    SSHD_PID_FILE,
+    SSHD_DIR,
 )
-from deployer.sandbox.simulator import DEFAULT_OFFLINE_AFTER, DEFAULT_RATE_LIMIT
+from deployer.sandbox.simulator import DEFAULT_RATE_LIMIT
 from deployer.sandbox.sshd import session_env
 
 DEFAULT_DIR = ".sandbox"
 SSHD_KINDS = ("embedded", "openssh")
 TEMPLATE_NAME = "sandbox-client.py.j2"
+PRODUCTION_TEMPLATE = "client.py.j2"
+TEMPLATES = (PRODUCTION_TEMPLATE, TEMPLATE_NAME)
 INVENTORY_FILE = "deployer.toml"
+SANDBOX_FILE = "sandbox.json"
 STATE_FILE = "state.json"
+KNOWN_HOSTS_FILE = "known_hosts"
+FORWARDING_KNOWN_HOSTS_FILE = "forwarding_known_hosts"
 GROUP = "sandbox"
 MAX_HOSTS = 1000
+PROVIDER_RELEASE = "provider-1"  # the release written into get_client_script's scripts
 # The pidfile service's run command; the guard starts it as `sh -c "exec " + run`.
 RUN_COMMAND = "python3 {{ script_path | quote }}"
-RUNNER_START_TIMEOUT = 20.0
+# The service's ready probe (SPEC 4 step 9): the client rewrites SCRIPT.poll after
+# every good poll, so a file newer than the guard's swap mark proves the new client.
+READY_PROBE = (
+    'test -n "$(find {{ script_path | quote }}.poll -newer "$DEPLOYER_SWAP_MARK" 2>/dev/null)"'
+)
+RUNNER_START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
-class SandboxTimings:
-    """The sandbox-sized timings written into the inventory (SPEC 7)."""
+class SandboxProfile:
+    """The timings of a sandbox: the world's (polls, offline detection, API
+    latency) and the ones written into its inventory to match them."""
 
-    heartbeat_interval: float = 0.5
-    offline_after: float = DEFAULT_OFFLINE_AFTER
-    online_timeout: float = 10.0
-    stable_for: float = 2.5  # must exceed offline_after (SPEC 4, step 11)
-    guard_deadline: float = 20.0
+    name: str
+    poll_interval: float
+    offline_after: float
+    api_latency: float
+    online_timeout: float
+    stable_for: float  # must exceed offline_after (SPEC 4, step 11)
+    tunnel_timeout: float
+    guard_deadline: float
     api_rate_limit: float = 40.0  # deployer's own limiter, below the simulator's default 50
     api_timeout: float = 5.0
 
 
-TIMINGS = SandboxTimings()
+PROFILES = {
+    "fast": SandboxProfile(
+        "fast",
+        poll_interval=0.5,
+        offline_after=1.5,
+        api_latency=0.0,
+        online_timeout=10.0,
+        stable_for=2.5,
+        tunnel_timeout=10.0,
+        guard_deadline=20.0,
+    ),
+    "real": SandboxProfile(
+        "real",
+        poll_interval=5.0,
+        offline_after=30.0,
+        api_latency=0.2,
+        online_timeout=60.0,
+        stable_for=35.0,
+        tunnel_timeout=30.0,
+        guard_deadline=155.0,  # online_timeout + stable_for + 60 (SPEC 4)
+    ),
+}
+TIMINGS = PROFILES["fast"]
 
 
 class SandboxError(DeployerError):
@@ -105,11 +162,27 @@ class SandboxInfo:
     hosts: tuple[str, ...]
     sshd: str
     runner_pid: int
-    ssh_ports: dict[str, int] = field(default_factory=dict)
+    ssh_ports: dict[str, int] = field(default_factory=dict)  # NAME -> IPORT (inventory ssh_port)
+    sshd_ports: dict[str, int] = field(default_factory=dict)  # NAME -> the host's own sshd
+    forwarding_port: int = 0
+    forwarding_user: str = ""
+    profile: str = "fast"
+
+    @property
+    def iports(self) -> dict[str, int]:
+        return self.ssh_ports
+
+    @property
+    def poll_url(self) -> str:
+        return f"{self.base_url}/poll"
 
     @property
     def state_url(self) -> str:
         return f"{self.base_url}/sandbox/state"
+
+    @property
+    def sandbox_json(self) -> Path:
+        return self.dir / SANDBOX_FILE
 
     @property
     def client(self) -> SandboxClient:
@@ -130,6 +203,15 @@ class DownReport:
         return not self.leftover_pids and not self.open_ports
 
 
+@dataclass(frozen=True)
+class _Options:
+    hosts: int
+    sshd: str
+    profile: SandboxProfile
+    faults: dict[str, Any]
+    ssh_latency: float
+
+
 # --- up ------------------------------------------------------------------------------------
 
 
@@ -137,69 +219,105 @@ def up(
     dir: str | Path = DEFAULT_DIR,  # noqa: A002 - the CLI's --dir
     hosts: int = 3,
     sshd: str = "embedded",
-    api_latency: float = 0.0,
+    profile: str = "fast",
+    api_latency: float | None = None,
+    ssh_latency: float = 0.0,
     rate_limit: float = DEFAULT_RATE_LIMIT,
     fail_rate: float = 0.0,
     garbage_rate: float = 0.0,
-    offline_after: float = DEFAULT_OFFLINE_AFTER,
-    wait_timeout: float = 30.0,
+    offline_after: float | None = None,
+    wait_timeout: float | None = None,
     clients: bool = True,
 ) -> SandboxInfo:
     """Start a sandbox in ``dir`` with release 1 running on every host; return it
-    once every client is online. Raises SandboxRunning if one already runs there.
+    once every client is online (tunnels closed). Raises SandboxRunning if one
+    already runs there. ``api_latency`` and ``offline_after`` default to the
+    profile's.
 
-    ``clients=False`` starts the simulator and SSH server only (no client
-    process, every host offline until something heartbeats for it): benchmarks."""
+    ``clients=False`` starts the runner only (no client process, every host
+    offline until something polls for it): benchmarks."""
     root = Path(dir).expanduser().resolve()
-    _check_options(hosts, sshd, api_latency, rate_limit, fail_rate, garbage_rate, offline_after)
+    options = _options(
+        hosts, sshd, profile, api_latency, ssh_latency, rate_limit, fail_rate, garbage_rate,
+        offline_after,
+    )  # fmt: skip
     running = _running_info(root)
     if running is not None:
         raise SandboxRunning(f"a sandbox already runs in {root}", running)
     _check_dir(root)
     if (root / STATE_FILE).exists() or (root / RUNNER_FILE).exists():
         down(root)  # a stale sandbox: clear leftovers first
-    faults = {
-        "latency": api_latency,
-        "rate_limit": rate_limit,
-        "fail_rate": fail_rate,
-        "garbage_rate": garbage_rate,
-        "offline_after": offline_after,
-    }
+    if wait_timeout is None:
+        wait_timeout = 30.0 + 0.2 * hosts + 2 * options.profile.poll_interval
     try:
-        return _start(root, hosts, sshd, faults, wait_timeout if clients else None)
+        return _start(root, options, wait_timeout if clients else None)
     except BaseException:
         down(root)
         raise
 
 
-def _check_options(hosts, sshd, latency, rate_limit, fail_rate, garbage_rate, offline_after):
+def _options(
+    hosts, sshd, profile, api_latency, ssh_latency, rate_limit, fail_rate, garbage_rate,
+    offline_after,
+) -> _Options:  # fmt: skip
+    """Check every option before anything starts (SandboxInputError: exit 2)."""
     if not 1 <= hosts <= MAX_HOSTS:
         raise SandboxInputError(f"--hosts must be between 1 and {MAX_HOSTS} (got {hosts})")
+    if profile not in PROFILES:
+        raise SandboxInputError(f"--profile must be one of {', '.join(PROFILES)} (got {profile!r})")
     if sshd not in SSHD_KINDS:
         raise SandboxInputError(f"--sshd must be one of {', '.join(SSHD_KINDS)} (got {sshd!r})")
     if sshd == "openssh":
-        from deployer.sandbox import openssh
-
-        if not openssh.available():
-            raise SandboxInputError(
-                f"--sshd openssh needs {openssh.SSHD}: install openssh-server, "
-                "or use --sshd embedded"
-            )
-    for name, value in (("--api-latency", latency), ("--rate-limit", rate_limit)):
+        _check_openssh(ssh_latency)
+    chosen = PROFILES[profile]
+    latency = chosen.api_latency if api_latency is None else api_latency
+    offline = chosen.offline_after if offline_after is None else offline_after
+    for name, value in (
+        ("--api-latency", latency),
+        ("--ssh-latency", ssh_latency),
+        ("--rate-limit", rate_limit),
+    ):
         if value < 0:
             raise SandboxInputError(f"{name} must be >= 0 (got {value})")
     for name, value in (("--fail-rate", fail_rate), ("garbage rate", garbage_rate)):
         if not 0 <= value <= 1:
             raise SandboxInputError(f"{name} must be between 0 and 1 (got {value})")
-    if offline_after <= 0:
-        raise SandboxInputError(f"offline_after must be > 0 (got {offline_after})")
+    if offline <= 0:
+        raise SandboxInputError(f"offline_after must be > 0 (got {offline})")
+    if offline != chosen.offline_after:  # the soak must still outlast offline detection
+        chosen = dataclasses.replace(
+            chosen, offline_after=offline, stable_for=max(chosen.stable_for, offline + 1.0)
+        )
+    faults = {
+        "latency": latency,
+        "rate_limit": rate_limit,
+        "fail_rate": fail_rate,
+        "garbage_rate": garbage_rate,
+        "offline_after": offline,
+    }
+    return _Options(hosts, sshd, chosen, faults, ssh_latency)
+
+
+def _check_openssh(ssh_latency: float) -> None:
+    from deployer.sandbox import openssh
+
+    if not openssh.available():
+        raise SandboxInputError(
+            f"--sshd openssh needs {openssh.SSHD}: install openssh-server, or use --sshd embedded"
+        )
+    if ssh_latency > 0:
+        raise SandboxInputError(
+            "--ssh-latency needs the embedded forwarding server (OpenSSH cannot delay "
+            "its forwarded connections); use --sshd embedded, or --ssh-latency 0"
+        )
 
 
 def _check_dir(root: Path) -> None:
     """DIR must be new, empty, or an earlier sandbox's: never overwrite a real inventory."""
     if root.exists() and not root.is_dir():
         raise SandboxInputError(f"--dir {root} is a file; choose a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / CONFIG_FILE).exists():
+    ours = (root / CONFIG_FILE).exists() or (root / SANDBOX_FILE).exists()
+    if root.is_dir() and any(root.iterdir()) and not ours:
         raise SandboxInputError(
             f"--dir {root} is not empty and holds no sandbox; choose a new or empty directory"
         )
@@ -211,7 +329,6 @@ def _host_names(count: int) -> list[str]:
 
 
 def _new_hosts(count: int) -> list[dict[str, Any]]:
-    names = _host_names(count)
     ports_ids = secrets.SystemRandom().sample(range(1000, 100000), count)
     return [
         {
@@ -219,9 +336,9 @@ def _new_hosts(count: int) -> list[dict[str, Any]]:
             "dbid": secrets.token_hex(4),
             "host_uuid": str(uuid.uuid4()),
             "ports_id": ports_ids[i],
-            "ssh_port": 0,  # the runner picks and holds one
+            "client_id": str(uuid.uuid4()),
         }
-        for i, name in enumerate(names)
+        for i, name in enumerate(_host_names(count))
     ]
 
 
@@ -234,40 +351,37 @@ def _user_home() -> tuple[str, str]:
     return user, home
 
 
-def _start(
-    root: Path, count: int, sshd: str, faults: dict[str, Any], wait_timeout: float | None
-) -> SandboxInfo:
+def _start(root: Path, options: _Options, wait_timeout: float | None) -> SandboxInfo:
     shutil.rmtree(root / "hosts", ignore_errors=True)  # a new fleet: no old locks or backups
-    for sub in ("hosts", "logs", "templates"):
+    shutil.rmtree(root / PROVIDER_DIR, ignore_errors=True)
+    for sub in ("hosts", "logs", "templates", PROVIDER_DIR):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    keys.generate_keypair(root / CLIENT_KEY_FILE, "deployer-sandbox-client")
-    keys.generate_keypair(root / HOST_KEY_FILE, "deployer-sandbox-host")
-    template = resources.files("deployer.templates").joinpath(TEMPLATE_NAME)
-    (root / "templates" / TEMPLATE_NAME).write_bytes(template.read_bytes())
+    for name, comment in (
+        (CLIENT_KEY_FILE, "deployer-sandbox"),
+        (HOST_KEY_FILE, "deployer-sandbox-host"),
+        (ACCOUNT_KEY_FILE, "deployer-sandbox-account"),
+        (FORWARDING_KEY_FILE, "deployer-sandbox-forwarding"),
+    ):
+        keys.generate_keypair(root / name, comment)
+    for name in TEMPLATES:
+        (root / "templates" / name).write_bytes(_template_source(name))
     user, home = _user_home()
     config = {
         "user_id": "sbx" + secrets.token_hex(6),
-        "hosts": _new_hosts(count),
-        "sshd": sshd,
-        "sshd_port": 0,  # the runner picks it
-        "api_port": 0,
+        "api_key": secrets.token_hex(16),
+        "hosts": _new_hosts(options.hosts),
+        "sshd": options.sshd,
+        "ssh_latency": options.ssh_latency,
         "user": user,
         "home": home,
-        "faults": faults,
+        "faults": options.faults,
     }
     _write_private(root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     runner = _start_runner(root)
-    for host in config["hosts"]:
-        host["ssh_port"] = runner["ssh_ports"][host["name"]]
-    _write_private(root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    ports = [h["ssh_port"] for h in config["hosts"]]
-    keys.write_known_hosts(root / "known_hosts", root / HOST_KEY_FILE, "127.0.0.1", ports)
-    inventory = root / INVENTORY_FILE
-    _write_private(inventory, inventory_text(root, config, runner["base_url"]))
+    _write_world_files(root, config, runner, options.profile)
     names = [h["name"] for h in config["hosts"]]
-    _install_release(root, inventory, names)
-    info = _info(root, config, runner)
-    _write_state(root, config, runner)
+    _install_release(root, names)
+    info = _info(root, config, runner, options.profile.name)
     if wait_timeout is None:
         return info
     _start_clients(root, names, user, home)
@@ -279,10 +393,36 @@ def _start(
     return info
 
 
+def _template_source(name: str) -> bytes:
+    """A client template as the installed package ships it."""
+    return resources.files("deployer.templates").joinpath(name).read_bytes()
+
+
+def _write_world_files(
+    root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
+) -> None:
+    """known_hosts on both sides, the inventory, sandbox.json, the provider's
+    scripts and state.json: everything that needs the runner's ports."""
+    iports = [runner["iports"][h["name"]] for h in config["hosts"]]
+    keys.write_known_hosts(root / KNOWN_HOSTS_FILE, root / HOST_KEY_FILE, "127.0.0.1", iports)
+    keys.write_known_hosts(
+        root / FORWARDING_KNOWN_HOSTS_FILE,
+        root / FORWARDING_KEY_FILE,
+        "127.0.0.1",
+        [runner["forwarding_port"]],
+    )
+    _write_private(root / INVENTORY_FILE, inventory_text(root, config, runner, profile))
+    sandbox = sandbox_document(root, config, runner, profile)
+    _write_private(root / SANDBOX_FILE, json.dumps(sandbox, indent=2) + "\n")
+    _write_provider_scripts(root, config)
+    _write_state(root, config, runner)
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    path.chmod(0o600)
 
 
 def _start_runner(root: Path) -> dict[str, Any]:
@@ -310,50 +450,64 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _install_release(root: Path, inventory: Path, names: list[str]) -> None:
+def _install_release(root: Path, names: list[str]) -> None:
     """Render release 1 with deployer's own loader and renderer, as an upgrade would."""
     from deployer.inventory import load_inventory
     from deployer.render import render_script
 
-    inv = load_inventory(inventory)
+    inv = load_inventory(root / INVENTORY_FILE)
     for name in names:
         host = inv.hosts[name]
-        rendered = render_script(inv, host)
         path = Path(host.script_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rendered.text.encode("utf-8"))
-        path.chmod(0o755)
+        _write_private(path, render_script(inv, host).text)
+        path.chmod(0o700)
+
+
+def _write_provider_scripts(root: Path, config: dict[str, Any]) -> None:
+    """What get_client_script answers: the production template rendered for each
+    host (release "provider-1"), as a provider generates it for a user."""
+    from deployer.inventory import load_inventory
+    from deployer.render import render_script
+
+    inv = load_inventory(root / INVENTORY_FILE)
+    template = root / "templates" / PRODUCTION_TEMPLATE
+    for host in config["hosts"]:
+        spec = inv.hosts[host["name"]]
+        spec = dataclasses.replace(spec, vars={**spec.vars, "release": PROVIDER_RELEASE})
+        text = render_script(inv, spec, template).text
+        _write_private(root / PROVIDER_DIR / f"{host['client_id']}.py", text)
 
 
 def _start_clients(root: Path, names: list[str], user: str, home: str) -> None:
+    """Start each client as the pidfile service does (the guard does the same)."""
     env = session_env(user, home)
     for name in names:
         host_dir = root / "hosts" / name
         processes.start_pidfile_service(
-            run=f"exec python3 {_q(host_dir / 'client.py')}",  # = "exec " + RUN_COMMAND
+            run=f"exec python3 {shlex.quote(str(host_dir / 'client.py'))}",  # "exec " + RUN_COMMAND
             pidfile=host_dir / "client.pid",
-            log_path=host_dir / "client.log",
+            log_path=host_dir / "client.out",  # the client logs itself to client.log
             cwd=str(host_dir),  # as the guard does: the pidfile's directory
             env=env,
         )
 
 
-def _q(path: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(path))
-
-
-def _info(root: Path, config: dict[str, Any], runner: dict[str, Any]) -> SandboxInfo:
+def _info(root: Path, config: dict[str, Any], runner: dict[str, Any], profile: str) -> SandboxInfo:
+    names = [h["name"] for h in config["hosts"]]
     return SandboxInfo(
         dir=root,
         inventory=root / INVENTORY_FILE,
         base_url=runner["base_url"],
         api_url=runner["api_url"],
-        hosts=tuple(h["name"] for h in config["hosts"]),
+        hosts=tuple(names),
         sshd=config["sshd"],
         runner_pid=runner["pid"],
-        ssh_ports={h["name"]: h["ssh_port"] for h in config["hosts"]},
+        ssh_ports={n: runner["iports"][n] for n in names},
+        sshd_ports={n: runner["sshd_ports"][n] for n in names},
+        forwarding_port=runner["forwarding_port"],
+        forwarding_user=config["user"],
+        profile=profile,
     )
 
 
@@ -362,22 +516,24 @@ def _write_state(root: Path, config: dict[str, Any], runner: dict[str, Any]) -> 
         "dir": str(root),
         "runner_pid": runner["pid"],
         "base_url": runner["base_url"],
-        "api_url": runner["api_url"],
         "sshd": config["sshd"],
-        "sshd_port": runner["sshd_port"],
-        "sshd_pid": runner.get("sshd_pid"),
+        "ports": _runner_ports(runner),
         "hosts": {
-            h["name"]: {
-                "ssh_port": h["ssh_port"],
-                "pidfile": str(root / "hosts" / h["name"] / "client.pid"),
-            }
+            h["name"]: {"pidfile": str(root / "hosts" / h["name"] / "client.pid")}
             for h in config["hosts"]
         },
     }
     (root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
-# --- the inventory ----------------------------------------------------------------------------
+def _runner_ports(runner: dict[str, Any]) -> list[int]:
+    found = {runner.get("api_port"), runner.get("forwarding_port")}
+    found.update((runner.get("iports") or {}).values())
+    found.update((runner.get("sshd_ports") or {}).values())
+    return sorted(p for p in found if p)
+
+
+# --- the inventory and sandbox.json --------------------------------------------------------
 
 
 def _toml(value: Any) -> str:
@@ -399,22 +555,24 @@ def _table(name: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def inventory_text(root: Path, config: dict[str, Any], base_url: str) -> str:
-    """The sandbox's deployer.toml (SPEC 2 format)."""
-    t = TIMINGS
+def inventory_text(
+    root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
+) -> str:
+    """The sandbox's deployer.toml (SPEC 2 format): production's shape, sandbox timings."""
+    t = profile
     provider = {
-        "api_url": f"{base_url}/api/{{call}}",
-        "ssh_host": "127.0.0.1",
+        "api_url": runner["api_url"],
+        "ssh_host": "127.0.0.1",  # the forwarding server; each host's ssh_port is its IPORT
         "user_id": config["user_id"],
         "rate_limit": t.api_rate_limit,
         "timeout": t.api_timeout,
-        # the simulator's offline detection: stable_for must exceed it (SPEC 4)
-        "offline_detection": float(config.get("faults", {}).get("offline_after", 1.5)),
+        "offline_detection": t.offline_after,
+        "tunnel_timeout": t.tunnel_timeout,
     }
     defaults = {
         "ssh_user": config["user"],
         "ssh_key": str(root / CLIENT_KEY_FILE),
-        "known_hosts": str(root / "known_hosts"),
+        "known_hosts": str(root / KNOWN_HOSTS_FILE),
         "host_key_policy": "strict",
         "template": f"templates/{TEMPLATE_NAME}",
         "online_timeout": t.online_timeout,
@@ -423,20 +581,25 @@ def inventory_text(root: Path, config: dict[str, Any], base_url: str) -> str:
         "validate": "python3 -m py_compile {{ path | quote }}",
         "guard_deadline": t.guard_deadline,
         "vars": {
+            "poll_url": runner["poll_url"],
+            "forwarding_user": config["user"],
+            "forwarding_port": runner["forwarding_port"],
+            "key_path": str(root / ACCOUNT_KEY_FILE),
+            "forwarding_known_hosts": str(root / FORWARDING_KNOWN_HOSTS_FILE),
+            "poll_interval": t.poll_interval,
             "release": "1",
             "sandbox_fail": "",
             "sandbox_die_after": "3",
-            "sandbox_url": base_url,
-            "heartbeat_interval": str(t.heartbeat_interval),
         },
     }
     service = {
         "kind": "pidfile",
         "pidfile": str(root / "hosts") + "/{{ host }}/client.pid",
         "run": RUN_COMMAND,
+        "ready": READY_PROBE,
     }
     parts = [
-        f"# The sandbox fleet in {root}, written by `deployer sandbox up`.\n"
+        f"# The sandbox fleet in {root}, written by `deployer sandbox up` (profile {t.name}).\n"
         "# Its credentials are random and only valid for this sandbox's simulator.\n",
         _table("provider", provider),
         _table("defaults", defaults),
@@ -444,16 +607,53 @@ def inventory_text(root: Path, config: dict[str, Any], base_url: str) -> str:
         _table(f"groups.{GROUP}", {"vars": {}}),
     ]
     for host in config["hosts"]:
+        name = host["name"]
         values = {
             "dbid": host["dbid"],
             "host_uuid": host["host_uuid"],
             "ports_id": host["ports_id"],
-            "ssh_port": host["ssh_port"],
+            "ssh_port": runner["iports"][name],
             "groups": [GROUP],
-            "script_path": str(root / "hosts" / host["name"] / "client.py"),
+            "script_path": str(root / "hosts" / name / "client.py"),
+            "vars": {
+                "sshd_port": runner["sshd_ports"][name],
+                "log_file": str(root / "hosts" / name / "client.log"),
+            },
         }
-        parts.append(_table(f"hosts.{host['name']}", values))
+        parts.append(_table(f"hosts.{name}", values))
     return "\n".join(parts)
+
+
+def sandbox_document(
+    root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
+) -> dict[str, Any]:
+    """DIR/sandbox.json: what an outside tool needs to talk to this world (SPEC 7)."""
+    hosts = {}
+    for host in config["hosts"]:
+        name = host["name"]
+        hosts[name] = {
+            "iport": runner["iports"][name],
+            "sshd_port": runner["sshd_ports"][name],
+            "ports_id": host["ports_id"],
+            "host_uuid": host["host_uuid"],
+            "dbid": host["dbid"],
+            "user_id": config["user_id"],
+            "client_id": host["client_id"],
+            "script_path": str(root / "hosts" / name / "client.py"),
+            "pidfile": str(root / "hosts" / name / "client.pid"),
+        }
+    return {
+        "sandbox_url": runner["base_url"],
+        "api_url": runner["api_url"],
+        "poll_url": runner["poll_url"],
+        "forwarding_host": "127.0.0.1",
+        "forwarding_port": runner["forwarding_port"],
+        "forwarding_user": config["user"],
+        "account_key": str(root / ACCOUNT_KEY_FILE),
+        "api_key": config["api_key"],
+        "profile": profile.name,
+        "hosts": hosts,
+    }
 
 
 # --- status and down -------------------------------------------------------------------------
@@ -477,7 +677,8 @@ def _running_info(root: Path) -> SandboxInfo | None:
     config = _read_json(root / CONFIG_FILE)
     if not runner or not config or not _runner_alive(runner.get("pid")):
         return None
-    return _info(root, config, runner)
+    profile = (_read_json(root / SANDBOX_FILE) or {}).get("profile", "fast")
+    return _info(root, config, runner, profile)
 
 
 def info(dir: str | Path = DEFAULT_DIR) -> SandboxInfo:  # noqa: A002
@@ -505,16 +706,19 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:  # noqa: A002
 
 
 def down(dir: str | Path = DEFAULT_DIR) -> DownReport:  # noqa: A002
-    """Stop every process of the sandbox in ``dir`` and check no process or port is left."""
+    """Stop every process of the sandbox in ``dir`` — clients, their tunnel
+    processes, guards, the runner and its SSH servers, sessions left on them —
+    and check that no process or port is left."""
     root = Path(dir).expanduser().resolve()
     report = DownReport()
     runner = _read_json(root / RUNNER_FILE) or {}
     state = _read_json(root / STATE_FILE) or {}
-    config = _read_json(root / CONFIG_FILE) or {}
     report.was_running = _runner_alive(runner.get("pid"))
     _stop_hosts(root, report)
+    _stop_tunnels(root, report)
     _stop_runner(root, runner, report)
-    ports = _sandbox_ports(runner, state, config)
+    ports = sorted(set(_runner_ports(runner)) | set(state.get("ports", [])))
+    _stop_port_holders(ports, report)
     report.open_ports = _wait_ports_closed(ports, STOP_TIMEOUT)
     report.leftover_pids = processes.processes_mentioning(*_markers(root))
     for name in (RUNNER_FILE, STATE_FILE):
@@ -545,32 +749,47 @@ def _stop_hosts(root: Path, report: DownReport) -> None:
     report.stopped.extend(f"host process pid {p}" for p in others)
 
 
+def _stop_tunnels(root: Path, report: DownReport) -> None:
+    """The clients' detached ``ssh -R`` processes (they outlive their clients by design)."""
+    tunnels = processes.processes_mentioning(f"{root}/{ACCOUNT_KEY_FILE}")
+    processes.terminate(tunnels, 2.0)
+    report.stopped.extend(f"tunnel pid {p}" for p in tunnels)
+
+
 def _stop_runner(root: Path, runner: dict[str, Any], report: DownReport) -> None:
     pid = runner.get("pid")
     if _runner_alive(pid):
         processes.terminate([pid], STOP_TIMEOUT)
         report.stopped.append(f"runner pid {pid}")
-    sshd_pid = processes.read_pidfile(root / SSHD_PID_FILE) or runner.get("sshd_pid")
-    if sshd_pid and processes.alive(sshd_pid) and "sshd" in processes.cmdline(sshd_pid):
-        processes.terminate([sshd_pid], STOP_TIMEOUT)
-        report.stopped.append(f"sshd pid {sshd_pid}")
+    for pidfile in sorted((root / SSHD_DIR).glob("*.pid")):  # sshds of a killed runner
+        sshd_pid = processes.read_pidfile(pidfile)
+        if sshd_pid and processes.alive(sshd_pid) and "sshd" in processes.cmdline(sshd_pid):
+            processes.terminate([sshd_pid], STOP_TIMEOUT)
+            report.stopped.append(f"sshd pid {sshd_pid}")
     stray = processes.processes_mentioning(*_markers(root))
     if stray:
         processes.terminate(stray, 2.0)
         report.stopped.extend(f"stray pid {p}" for p in stray)
 
 
+def _stop_port_holders(ports: list[int], report: DownReport) -> None:
+    """OpenSSH's per-session processes outlive their listener: end any sshd that
+    still holds one of the sandbox's ports (a session through a tunnel, a forward)."""
+    if not ports:
+        return
+    held = [p for p in procnet.port_owners(ports) if processes.cmdline(p).startswith("sshd")]
+    processes.terminate(held, 2.0)
+    report.stopped.extend(f"sshd session pid {p}" for p in held)
+
+
 def _markers(root: Path) -> tuple[str, ...]:
     """Command-line fragments that only the sandbox's own processes carry."""
-    return (f"{root}/hosts/", f"deployer.sandbox.runner {root}", f"{root}/sshd_config")
-
-
-def _sandbox_ports(runner: dict[str, Any], state: dict[str, Any], config: dict[str, Any]):
-    ports = {runner.get("api_port"), runner.get("sshd_port"), config.get("sshd_port")}
-    ports.update(h.get("ssh_port") for h in config.get("hosts", []))
-    ports.update((runner.get("ssh_ports") or {}).values())
-    ports.update(h.get("ssh_port") for h in state.get("hosts", {}).values())
-    return sorted(p for p in ports if p)
+    return (
+        f"{root}/hosts/",
+        f"deployer.sandbox.runner {root}",
+        f"{root}/{SSHD_DIR}/",
+        f"{root}/{ACCOUNT_KEY_FILE}",
+    )
 
 
 def _wait_ports_closed(ports: list[int], timeout: float) -> list[int]:

@@ -1,20 +1,32 @@
-"""A faithful local SSHReach: the four API calls of SPEC 1, client heartbeats,
-one TCP tunnel per host, the offline rule, fault injection and an independent
-record of what a run did (``GET /sandbox/state``).
+"""A faithful local SSHReach provider: the API of SPEC 1 (and
+``get_client_script``), the client poll endpoint of SPEC 1b, the offline rule,
+fault injection and an independent record of what a run did
+(``GET /sandbox/state``).
+
+The simulator only decides; the forwarding SSH server
+(:mod:`deployer.sandbox.forwarding`) carries the tunnels, which belong to the
+clients: a client polls, reads ``command``, and starts or ends its own
+``ssh -R``. So ``connect`` sets the command to "1" and the tunnel appears at
+the client's next poll; ``disconnect`` sets it to "0" and has the forwarding
+server end the host's session at once (not a cut).
 
 The rule that matters most: while a host's allow-clientless is false, a client
-that goes offline (no heartbeat for ``offline_after`` seconds) gets its tunnel
-closed and every connection through it cut, checked every
-:data:`MONITOR_INTERVAL` seconds. A deployer that forgets the window loses its
-own SSH session here exactly as it would in production.
+that goes offline (no poll for ``offline_after`` seconds) has its forwarding
+session ended, with every connection through it, checked every
+:data:`MONITOR_INTERVAL` seconds, and counted in ``tunnel_cuts``. A deployer
+that forgets the window loses its own SSH session here exactly as it would in
+production.
 
 Routes (all on 127.0.0.1):
 
-- ``GET|POST /api/{call}`` — the provider API (faults apply here only);
-- ``POST /sandbox/heartbeat`` — ``{"host_uuid", "sha256", "pid"}`` from a client;
+- ``GET|POST /api/{call}`` — the provider API (``connect``, ``disconnect``,
+  ``client_status``, ``set_allow_clientless``, ``get_client_script``);
+- ``GET /poll/get_port4.php`` — the clients' poll (so ``poll_url`` is ``{base}/poll``);
 - ``GET /sandbox/state`` — the state document (SPEC 7);
 - ``GET|POST /sandbox/faults`` — read or change faults at run time;
-- ``POST /sandbox/reset-counters`` — zero the call counters, drop closed exposures.
+- ``POST /sandbox/reset-counters`` — zero the counters, drop closed exposures.
+
+Credentials arrive in query strings: nothing here logs a query string.
 """
 
 from __future__ import annotations
@@ -22,23 +34,33 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from deployer.sandbox.tunnel import TunnelRelay
+from deployer.sandbox.forwarding import Forwarder, NoForwarder, Tunnel
 
 log = logging.getLogger(__name__)
 
-API_CALLS = ("connect", "disconnect", "client_status", "set_allow_clientless")
+HOST_CALLS = ("connect", "disconnect", "client_status", "set_allow_clientless")
+API_CALLS = (*HOST_CALLS, "get_client_script")
 ID_PARAMS = ("user_id", "dbid", "host_uuid", "ports_id")
-MONITOR_INTERVAL = 0.05  # seconds between offline checks (the issue asks for <= 0.1)
+POLL_PATH = "/poll/get_port4.php"
+POLL_IDS = ("uid", "dbid", "key", "ports_id")  # user_id, dbid, host_uuid, ports_id
+FORWARDING_SERVER = "127.0.0.1"
+MONITOR_INTERVAL = 0.05  # seconds between offline checks
+CONNECT_WAIT_POLL = 0.05  # seconds between tunnel checks under the connect_wait fault
 DEFAULT_RATE_LIMIT = 50.0  # API calls per second per user_id
 DEFAULT_OFFLINE_AFTER = 1.5
 MAX_BODY = 64 * 1024
+SCRIPT_ERROR_CODES = (0, 40, 41, 45)
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_VERSION = 64
 
 MESSAGES = {
     0: "OK",
@@ -49,6 +71,10 @@ MESSAGES = {
     23: "client blocked",
     24: "client inactive",
     31: "wrong data",
+    32: "invalid api key",
+    40: "forwarding server unreachable",
+    41: "invalid region",
+    45: "internal error",
 }
 
 FAIL_BODY = (
@@ -62,16 +88,22 @@ GARBAGE_BODY = b"<html><body>Service temporarily in maintenance</body></html>\n"
 class Faults:
     """What the simulator does wrong on purpose (and its timing knobs).
 
-    ``rate_limit`` 0 means unlimited. Faults apply to the four API calls only,
-    never to heartbeats or the admin routes.
+    ``rate_limit`` 0 means unlimited. ``latency``, ``fail_rate`` and
+    ``garbage_rate`` apply to the API calls only; ``poll_fail_rate`` to the
+    clients' polls only; nothing applies to the admin routes.
     """
 
     latency: float = 0.0  # seconds added to every API reply
     fail_rate: float = 0.0  # share of API replies that are HTTP 502 with an HTML body
     garbage_rate: float = 0.0  # share of API replies that are HTTP 200 but not JSON
     rate_limit: float = DEFAULT_RATE_LIMIT  # API calls per second per user_id (22 above)
-    blocked: tuple[str, ...] = ()  # host names answered with 23
-    offline_after: float = DEFAULT_OFFLINE_AFTER  # seconds without heartbeat -> offline
+    blocked: tuple[str, ...] = ()  # host names answered with 23 (polls: an error)
+    offline_after: float = DEFAULT_OFFLINE_AFTER  # seconds without a poll -> offline
+    connect_wait: float = 0.0  # >0: connect waits up to this for the tunnel, else 11
+    client_script_error: int = 0  # get_client_script answers this code (40, 41, 45)
+    poll_fail_rate: float = 0.0  # share of polls answered HTTP 502
+    disconnect_ssl_when_server_unreachable: bool = False  # the polls' "T"/"F"
+    offer_upgrade: bool = False  # the polls' upgrade "T"
 
     def updated(self, changes: dict[str, Any]) -> Faults:
         """A copy with ``changes`` applied; ValueError names a bad key or value."""
@@ -85,14 +117,21 @@ class Faults:
             if isinstance(blocked, str) or not all(isinstance(b, str) for b in blocked):
                 raise ValueError("blocked must be a list of host names")
             values["blocked"] = tuple(blocked)
-        for key in ("latency", "fail_rate", "garbage_rate", "rate_limit", "offline_after"):
+        numbers = ("latency", "fail_rate", "garbage_rate", "rate_limit", "offline_after")
+        for key in (*numbers, "connect_wait", "poll_fail_rate"):
             if key in values:
                 values[key] = _number(key, values[key])
-        for key in ("fail_rate", "garbage_rate"):
+        for key in ("fail_rate", "garbage_rate", "poll_fail_rate"):
             if key in values and values[key] > 1:
                 raise ValueError(f"{key} must be between 0 and 1")
         if values.get("offline_after", 1) <= 0:
             raise ValueError("offline_after must be > 0")
+        for key in ("disconnect_ssl_when_server_unreachable", "offer_upgrade"):
+            if key in values and not isinstance(values[key], bool):
+                raise ValueError(f"{key} must be true or false")
+        code = values.get("client_script_error", 0)
+        if isinstance(code, bool) or code not in SCRIPT_ERROR_CODES:
+            raise ValueError(f"client_script_error must be one of {SCRIPT_ERROR_CODES}")
         return replace(self, **values)
 
     def to_json(self) -> dict[str, Any]:
@@ -111,13 +150,15 @@ def _number(key: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class HostSpec:
-    """A simulated host's identity: what the inventory says about it."""
+    """A simulated host's identity: what the provider knows about it."""
 
     name: str
     dbid: str
     host_uuid: str
     ports_id: int
-    ssh_port: int
+    iport: int  # the tunnel's port on the forwarding server
+    sshd_port: int = 0  # the host's own SSH server (reported in the state only)
+    client_id: str = ""  # for get_client_script
 
 
 @dataclass
@@ -125,12 +166,14 @@ class HostRecord:
     """What the simulator knows about one host at run time."""
 
     spec: HostSpec
-    last_heartbeat: float | None = None  # monotonic
+    command: str = "0"  # what the next poll answers: "1" a tunnel should be up
+    last_poll: float | None = None  # monotonic
+    polls: int = 0
     script_sha256: str | None = None
-    client_pid: int | None = None
+    version: str | None = None
+    upgradable: bool | None = None
     allow_clientless: bool = False
-    tunnel_open: bool = False
-    tunnel_cuts: int = 0  # tunnels closed by the offline rule
+    tunnel_cuts: int = 0  # sessions ended by the offline rule
     api_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(API_CALLS, 0))
     exposures: list[list[float | None]] = field(default_factory=list)
 
@@ -176,34 +219,50 @@ class HttpReply:
         return cls(status, "application/json", json.dumps(data).encode() + b"\n")
 
 
-class Simulator:
-    """The provider: API semantics, heartbeats, tunnels, faults and the state record.
+@dataclass(frozen=True)
+class _Later:
+    """The part of a call that must not hold the simulator's lock: waiting for a
+    tunnel (``connect`` under connect_wait) or ending one (``disconnect``)."""
 
-    The HTTP layer (:meth:`start`) is thin; :meth:`api`, :meth:`heartbeat` and
+    action: str
+    iport: int
+    seconds: float = 0.0
+
+
+class Simulator:
+    """The provider: API semantics, polls, the offline rule, faults and the state record.
+
+    The HTTP layer (:meth:`start`) is thin; :meth:`api`, :meth:`poll` and
     :meth:`state` hold the behaviour and are called directly by unit tests.
+    ``forwarder`` is the forwarding server that carries the tunnels;
+    ``scripts_dir`` holds ``CLIENT_ID.py``, what get_client_script returns.
     """
 
     def __init__(
         self,
         user_id: str,
         hosts: list[HostSpec],
-        ssh_target: tuple[str, int],
+        forwarder: Forwarder | None = None,
         faults: Faults | None = None,
         port: int = 0,
         rng: random.Random | None = None,
+        api_key: str = "",
+        scripts_dir: Path | None = None,
     ):
         self.user_id = user_id
+        self.api_key = api_key
         self.faults = faults or Faults()
         self.port = port
+        self.forwarder: Forwarder = forwarder or NoForwarder()
+        self.scripts_dir = scripts_dir
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._hosts = {h.name: HostRecord(h) for h in hosts}
         self._by_ids = {(h.dbid, h.host_uuid, str(h.ports_id)): h.name for h in hosts}
-        self._by_uuid = {h.host_uuid: h.name for h in hosts}
+        self._by_client_id = {h.client_id: h.name for h in hosts if h.client_id}
         self._buckets: dict[str, TokenBucket] = {}
-        self._totals: dict[str, int] = {"requests": 0, "fail": 0, "garbage": 0}
+        self._totals: dict[str, int] = {"requests": 0, "fail": 0, "garbage": 0, "polls": 0}
         self._codes: dict[str, int] = {}
-        self.relay = TunnelRelay(ssh_target)
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._httpd: ThreadingHTTPServer | None = None
@@ -212,14 +271,6 @@ class Simulator:
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Reserve every tunnel port (picking one where ``ssh_port`` is 0), then serve."""
-        self.relay.start()
-        for record in self._hosts.values():
-            spec = record.spec
-            if spec.ssh_port == 0:
-                record.spec = replace(spec, ssh_port=self.relay.reserve_free(spec.name))
-            elif not self.relay.reserve(spec.name, spec.ssh_port):
-                log.warning("port %s of %s is busy", spec.ssh_port, spec.name)
         self._httpd = _HttpServer(("127.0.0.1", self.port), _Handler, self)
         self.port = self._httpd.server_address[1]
         self._http_thread = threading.Thread(
@@ -234,13 +285,12 @@ class Simulator:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
-        self.relay.stop()
         if self._monitor is not None:
             self._monitor.join(2)
 
     @property
-    def ssh_ports(self) -> dict[str, int]:
-        return {name: record.spec.ssh_port for name, record in self._hosts.items()}
+    def iports(self) -> dict[str, int]:
+        return {name: record.spec.iport for name, record in self._hosts.items()}
 
     @property
     def base_url(self) -> str:
@@ -249,6 +299,10 @@ class Simulator:
     @property
     def api_url(self) -> str:
         return f"{self.base_url}/api/{{call}}"
+
+    @property
+    def poll_url(self) -> str:
+        return f"{self.base_url}/poll"
 
     # --- the API ---------------------------------------------------------------------
 
@@ -260,8 +314,8 @@ class Simulator:
         fault = self._draw_fault(faults)
         with self._lock:
             self._totals["requests"] += 1
-            record = self._identify(params)
-            if record is not None and call in API_CALLS:
+            record = self._identify(call, params)
+            if record is not None:
                 record.api_calls[call] += 1
             if fault == "fail":
                 self._totals["fail"] += 1
@@ -270,6 +324,9 @@ class Simulator:
                 self._totals["garbage"] += 1
                 return HttpReply(200, "text/html", GARBAGE_BODY)
             body = self._answer(call, params, record, faults)
+        if isinstance(body, _Later):
+            body = self._finish(body)
+        with self._lock:
             code = str(body["error_code"])
             self._codes[code] = self._codes.get(code, 0) + 1
         return HttpReply.json(body)
@@ -281,7 +338,15 @@ class Simulator:
             return "garbage"
         return None
 
-    def _identify(self, params: dict[str, list[str]]) -> HostRecord | None:
+    def _identify(self, call: str, params: dict[str, list[str]]) -> HostRecord | None:
+        """The host a request names with valid ids (counted in its api_calls)."""
+        if call == "get_client_script":
+            if _single(params, "api_key") != self.api_key or not self.api_key:
+                return None
+            name = self._by_client_id.get(_single(params, "client_id") or "")
+            return self._hosts[name] if name else None
+        if call not in HOST_CALLS:
+            return None
         values = [_single(params, key) for key in ID_PARAMS]
         if None in values or values[0] != self.user_id:
             return None
@@ -290,14 +355,15 @@ class Simulator:
 
     def _answer(
         self, call: str, params: dict[str, list[str]], record: HostRecord | None, faults: Faults
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | _Later:
         if call not in API_CALLS:
             return reply(21)
+        if call == "get_client_script":
+            return self._call_get_client_script(params, record, faults)
         user_id = _single(params, "user_id")
         if user_id != self.user_id:
             return reply(31)
-        bucket = self._buckets.setdefault(user_id, TokenBucket(faults.rate_limit))
-        if not bucket.take(faults.rate_limit):
+        if not self._take(faults):
             return reply(22)
         if record is None:
             return reply(31)
@@ -305,33 +371,32 @@ class Simulator:
             return reply(31)
         if record.spec.name in faults.blocked:
             return reply(23)
-        return getattr(self, f"_call_{call}")(record, params)
+        return getattr(self, f"_call_{call}")(record, params, faults)
 
-    def _call_connect(self, record: HostRecord, params: dict[str, list[str]]) -> dict[str, Any]:
+    def _take(self, faults: Faults) -> bool:
+        """One call of the account against its rate limit."""
+        bucket = self._buckets.setdefault(self.user_id, TokenBucket(faults.rate_limit))
+        return bucket.take(faults.rate_limit)
+
+    def _call_connect(self, record: HostRecord, params, faults: Faults) -> dict[str, Any] | _Later:
         if not self._online(record):
             return reply(24)
-        if not record.tunnel_open:
-            try:
-                self.relay.open(record.spec.name, record.spec.ssh_port)
-            except OSError as exc:
-                log.warning("tunnel for %s: cannot listen: %s", record.spec.name, exc)
-                return reply(11)
-            record.tunnel_open = True
+        record.command = "1"  # the client starts its tunnel at its next poll
+        if faults.connect_wait > 0:
+            return _Later("connect", record.spec.iport, faults.connect_wait)
         return reply(0)
 
-    def _call_disconnect(self, record: HostRecord, params: dict[str, list[str]]) -> dict[str, Any]:
-        self._close_tunnel(record)
-        return reply(0)
+    def _call_disconnect(self, record: HostRecord, params, faults: Faults) -> _Later:
+        record.command = "0"
+        return _Later("disconnect", record.spec.iport)
 
-    def _call_client_status(
-        self, record: HostRecord, params: dict[str, list[str]]
-    ) -> dict[str, Any]:
+    def _call_client_status(self, record: HostRecord, params, faults: Faults) -> dict[str, Any]:
         if self._online(record):
             return reply(0, "online")
         return {"message": "offline", "error_code": 24, "success": True}
 
     def _call_set_allow_clientless(
-        self, record: HostRecord, params: dict[str, list[str]]
+        self, record: HostRecord, params: dict[str, list[str]], faults: Faults
     ) -> dict[str, Any]:
         allow = _single(params, "allow") == "true"
         if allow and not record.allow_clientless:
@@ -341,47 +406,116 @@ class Simulator:
         record.allow_clientless = allow
         return reply(0, "success", allow_clientless=allow)
 
+    def _call_get_client_script(
+        self, params: dict[str, list[str]], record: HostRecord | None, faults: Faults
+    ) -> dict[str, Any]:
+        if not self.api_key or _single(params, "api_key") != self.api_key:
+            return reply(32)
+        if not self._take(faults):
+            return reply(22)
+        if record is None:
+            return reply(31)
+        if record.spec.name in faults.blocked:
+            return reply(23)
+        if faults.client_script_error:
+            return reply(faults.client_script_error)
+        try:
+            text = (self.scripts_dir / f"{record.spec.client_id}.py").read_text()  # type: ignore[operator]
+        except (OSError, TypeError, UnicodeDecodeError) as exc:
+            log.error("get_client_script for %s: %s", record.spec.name, type(exc).__name__)
+            return reply(45)
+        return reply(0, script=text)
+
+    def _finish(self, later: _Later) -> dict[str, Any]:
+        """Wait for or end a tunnel, without the lock (polls go on meanwhile)."""
+        if later.action == "disconnect":
+            self.forwarder.cut(later.iport)  # a disconnect, not counted as a cut
+            return reply(12) if later.iport in self.forwarder.open_ports() else reply(0)
+        deadline = time.monotonic() + later.seconds
+        while later.iport not in self.forwarder.open_ports():
+            if time.monotonic() >= deadline:
+                return reply(11)
+            time.sleep(CONNECT_WAIT_POLL)
+        return reply(0)
+
     def _online(self, record: HostRecord) -> bool:
-        seen = record.last_heartbeat
+        seen = record.last_poll
         return seen is not None and time.monotonic() - seen <= self.faults.offline_after
 
-    def _close_tunnel(self, record: HostRecord) -> None:
-        if record.tunnel_open or self.relay.is_open(record.spec.name):
-            self.relay.close(record.spec.name)
-        record.tunnel_open = False
+    # --- the clients' poll --------------------------------------------------------------
 
-    # --- heartbeats and the offline rule --------------------------------------------------
-
-    def heartbeat(self, payload: Any) -> HttpReply:
-        if not isinstance(payload, dict) or not isinstance(payload.get("host_uuid"), str):
-            return HttpReply.json({"ok": False, "error": "host_uuid missing"}, 400)
+    def poll(self, params: dict[str, list[str]]) -> HttpReply:
+        """Answer one client poll (SPEC 1b): the command and the tunnel's endpoint."""
+        faults = self.faults
+        if faults.poll_fail_rate and self._rng.random() < faults.poll_fail_rate:
+            return HttpReply(502, "text/html", FAIL_BODY)
         with self._lock:
-            name = self._by_uuid.get(payload["host_uuid"])
-            if name is None:
-                return HttpReply.json({"ok": False, "error": "unknown host_uuid"}, 404)
-            record = self._hosts[name]
-            record.last_heartbeat = time.monotonic()
-            sha = payload.get("sha256")
-            record.script_sha256 = sha if isinstance(sha, str) else None
-            pid = payload.get("pid")
-            record.client_pid = pid if isinstance(pid, int) else None
-        return HttpReply.json({"ok": True, "host": name})
+            self._totals["polls"] += 1
+            record, error = self._poll_record(params)
+            if record is None:
+                return HttpReply.json({"error": error})
+            if record.spec.name in faults.blocked:
+                return HttpReply.json({"error": MESSAGES[23]})
+            record.last_poll = time.monotonic()
+            record.polls += 1
+            record.script_sha256 = _single(params, "sha256")
+            record.version = _single(params, "ver")
+            record.upgradable = _single(params, "upgradable") == "True"
+            return HttpReply.json(self._poll_reply(record, faults))
+
+    def _poll_record(self, params: dict[str, list[str]]) -> tuple[HostRecord | None, str]:
+        """The polling host, or None and why: every parameter is checked."""
+        values = [_single(params, key) for key in (*POLL_IDS, "ver", "upgradable")]
+        if None in values or values[0] != self.user_id:
+            return None, MESSAGES[31]
+        name = self._by_ids.get((values[1], values[2], values[3]))
+        if name is None:
+            return None, MESSAGES[31]
+        version, upgradable = values[4], values[5]
+        if not version or len(version) > MAX_VERSION or upgradable not in ("True", "False"):
+            return None, MESSAGES[31]
+        if "sha256" in params and not SHA256_RE.match(_single(params, "sha256") or ""):
+            return None, MESSAGES[31]
+        return self._hosts[name], ""
+
+    @staticmethod
+    def _poll_reply(record: HostRecord, faults: Faults) -> dict[str, str]:
+        return {
+            "command": record.command,
+            "iport": str(record.spec.iport),
+            "forwarding_server": FORWARDING_SERVER,
+            "disconnect_ssl_when_server_unreachable": _flag(
+                faults.disconnect_ssl_when_server_unreachable
+            ),
+            "upgrade": _flag(faults.offer_upgrade),
+        }
+
+    # --- the offline rule ------------------------------------------------------------------
 
     def enforce_offline_rule(self) -> list[str]:
-        """Close the tunnel of every offline host whose allow-clientless is false."""
-        cut = []
+        """End the forwarding session of every offline host whose allow-clientless
+        is false; each one is a counted cut."""
         with self._lock:
-            self.relay.retry_reservations()
-            for record in self._hosts.values():
-                if record.allow_clientless or self._online(record):
+            exposed = [r for r in self._hosts.values() if self._cuttable(r)]
+        if not exposed:
+            return []
+        forwarded = self.forwarder.open_ports()
+        cut = []
+        for record in exposed:
+            if record.spec.iport not in forwarded:
+                continue
+            with self._lock:
+                if not self._cuttable(record):
                     continue
-                if record.tunnel_open:
-                    self._close_tunnel(record)
+            if self.forwarder.cut(record.spec.iport):
+                with self._lock:
                     record.tunnel_cuts += 1
-                    cut.append(record.spec.name)
-        for name in cut:
-            log.info("%s went offline without allow-clientless: tunnel closed", name)
+                cut.append(record.spec.name)
+                log.info("%s went offline without allow-clientless: tunnel cut", record.spec.name)
         return cut
+
+    def _cuttable(self, record: HostRecord) -> bool:
+        return not record.allow_clientless and not self._online(record)
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(MONITOR_INTERVAL):
@@ -406,39 +540,52 @@ class Simulator:
             for record in self._hosts.values():
                 record.api_calls = dict.fromkeys(API_CALLS, 0)
                 record.tunnel_cuts = 0
+                record.polls = 0
                 record.exposures = [e for e in record.exposures if e[1] is None]
             self._totals = dict.fromkeys(self._totals, 0)
             self._codes = {}
 
     def state(self) -> dict[str, Any]:
+        tunnels = self.forwarder.tunnels()
         now = time.monotonic()
         with self._lock:
-            hosts = {name: self._host_state(r, now) for name, r in self._hosts.items()}
+            hosts = {name: self._host_state(r, now, tunnels) for name, r in self._hosts.items()}
             calls = dict(self._totals, by_code=dict(self._codes))
         return {
             "api_url": self.api_url,
+            "poll_url": self.poll_url,
             "time": time.time(),
             "faults": self.faults.to_json(),
             "calls": calls,
             "hosts": hosts,
         }
 
-    def _host_state(self, record: HostRecord, now: float) -> dict[str, Any]:
-        seen = record.last_heartbeat
+    def _host_state(self, record: HostRecord, now: float, tunnels: dict[int, Tunnel]):
+        seen = record.last_poll
+        tunnel = tunnels.get(record.spec.iport)
         return {
             "online": self._online(record),
             "allow_clientless": record.allow_clientless,
-            "tunnel_open": record.tunnel_open,
+            "tunnel_open": tunnel is not None,
+            "tunnel_pids": list(tunnel.pids) if tunnel else [],
+            "tunnel_cuts": record.tunnel_cuts,
+            "polls": record.polls,
             "api_calls": dict(record.api_calls),
             "script_sha256": record.script_sha256,
             "exposures": [list(e) for e in record.exposures],
-            "ssh_port": record.spec.ssh_port,
-            "client_pid": record.client_pid,
-            "last_heartbeat_age": None if seen is None else round(now - seen, 3),
-            "connections": self.relay.connection_count(record.spec.name),
-            "tunnel_cuts": record.tunnel_cuts,
+            "command": record.command,
+            "iport": record.spec.iport,
+            "sshd_port": record.spec.sshd_port,
+            "last_poll_age": None if seen is None else round(now - seen, 3),
+            "connections": tunnel.connections if tunnel else 0,
             "blocked": record.spec.name in self.faults.blocked,
+            "version": record.version,
+            "upgradable": record.upgradable,
         }
+
+
+def _flag(value: bool) -> str:
+    return "T" if value else "F"
 
 
 def _single(params: dict[str, list[str]], key: str) -> str | None:
@@ -486,8 +633,8 @@ class _Handler(BaseHTTPRequestHandler):
                 for key, values in form.items():
                     params.setdefault(key, []).extend(values)
             self._send(sim.api(path[len("/api/") :], params))
-        elif path == "/sandbox/heartbeat" and method == "POST":
-            self._send(sim.heartbeat(_json_or_none(body)))
+        elif path == POLL_PATH and method == "GET":
+            self._send(sim.poll(parse_qs(url.query, keep_blank_values=True)))
         elif path == "/sandbox/state" and method == "GET":
             self._send(HttpReply.json(sim.state()))
         elif path == "/sandbox/faults":

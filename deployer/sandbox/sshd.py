@@ -1,5 +1,6 @@
-"""The embedded SSH server of the sandbox: asyncssh on 127.0.0.1, no root and no
-system package needed.
+"""The embedded SSH servers of the sandbox's hosts (what deployer logs in to,
+through a host's tunnel): asyncssh on 127.0.0.1, one port per host, no root
+and no system package needed.
 
 It behaves like OpenSSH where deployer can tell the difference: public-key
 authentication only (against one authorized key, for the current user only);
@@ -20,16 +21,18 @@ import logging
 import os
 import posixpath
 import signal
-import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from deployer.sandbox.loop import LoopThread
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READ_SIZE = 65536
 START_TIMEOUT = 10.0
-LISTEN_BACKLOG = 1024  # every tunnel of a big fleet may connect at once
+LISTEN_BACKLOG = 1024  # a big fleet run may open many sessions at once
 
 
 def session_env(user: str, home: str) -> dict[str, str]:
@@ -45,7 +48,9 @@ def session_env(user: str, home: str) -> dict[str, str]:
 
 
 class EmbeddedSshServer:
-    """An asyncssh server running its own event loop in a background thread."""
+    """asyncssh servers on 127.0.0.1, one per port, in one event loop of their own
+    (a background thread): every host of the sandbox has its own port, all
+    share the host key, the authorized key and the user."""
 
     def __init__(
         self,
@@ -53,82 +58,58 @@ class EmbeddedSshServer:
         authorized_key: Path,
         user: str,
         home: str,
-        port: int = 0,
+        ports: Sequence[int] = (0,),
     ):
         self.host_key = host_key
         self.authorized_key = authorized_key
         self.user = user
         self.home = home
-        self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: Any = None
+        self.ports = list(ports)
+        self._thread = LoopThread("embedded-sshd")
+        self._servers: list[Any] = []
         self._children: set[asyncio.subprocess.Process] = set()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
 
-    def start(self) -> int:
-        """Start listening; return the port."""
-        self._thread = threading.Thread(target=self._run, name="embedded-sshd", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT):
-            raise RuntimeError("embedded SSH server did not start")
-        if self._error is not None:
-            raise RuntimeError(f"embedded SSH server failed: {self._error}") from self._error
-        return self.port
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def start(self) -> list[int]:
+        """Start listening on every port (0: any free one); return the ports."""
+        try:
+            self._thread.start(self._listen, START_TIMEOUT)
+        except Exception as exc:
+            raise RuntimeError(f"embedded SSH server failed: {exc}") from exc
+        return self.ports
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            return
-        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-        try:
-            future.result(5)
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            log.exception("embedded sshd shutdown")
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread:
-            self._thread.join(5)
-
-    # --- the loop thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._listen())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.close()
+        self._thread.stop(self._shutdown)
 
     async def _listen(self) -> None:
         import asyncssh
 
         keys = asyncssh.read_authorized_keys(str(self.authorized_key))
         host_key = asyncssh.read_private_key(str(self.host_key))
-        self._server = await asyncssh.create_server(
-            lambda: _KeyOnlyServer(self.user, keys),
-            "127.0.0.1",
-            self.port,
-            server_host_keys=[host_key],
-            process_factory=self._handle_process,
-            sftp_factory=lambda chan: _HomeSftpServer(chan, self.home),
-            encoding=None,
-            allow_scp=False,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            login_timeout=30,
-            backlog=LISTEN_BACKLOG,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        for index, port in enumerate(self.ports):
+            server = await asyncssh.create_server(
+                lambda: _KeyOnlyServer(self.user, keys),
+                "127.0.0.1",
+                port,
+                server_host_keys=[host_key],
+                process_factory=self._handle_process,
+                sftp_factory=lambda chan: _HomeSftpServer(chan, self.home),
+                encoding=None,
+                allow_scp=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                login_timeout=30,
+                backlog=LISTEN_BACKLOG,
+            )
+            self._servers.append(server)
+            self.ports[index] = server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for proc in list(self._children):
             if proc.returncode is None:
                 try:
@@ -264,6 +245,12 @@ def _server_classes():
             return posixpath.join(self._home, path)
 
     return KeyOnlyServer, HomeSftpServer
+
+
+def key_only_server_class() -> type:
+    """The asyncssh server class that allows public-key login of one user only
+    (and nothing else: no forwarding unless a subclass allows it)."""
+    return _server_classes()[0]
 
 
 def _KeyOnlyServer(user: str, keys: Any) -> Any:  # noqa: N802 - a class factory
