@@ -1,4 +1,4 @@
-"""The SSHReach provider API client (SPEC 1).
+"""The SSHReach provider API client (SPEC 1, and ``get_client_script`` of 1b).
 
 One :class:`ProviderAPI` per run, shared by every host's thread: one
 ``requests.Session`` with a connection pool sized for parallel use, a timeout
@@ -10,17 +10,22 @@ How a reply is judged (docs/reference/api-codes.md is the user-facing table):
 - ``error_code`` 0 with ``success: true``: ok.
 - ``client_status`` answering 24 with ``success: true``: the client is offline
   (not an error).
-- any other code raises its :mod:`deployer.errors` class; 11, 12 and 22 are
-  retried by the default policies, 21, 23, 24 and 31 never; unknown codes
-  raise :class:`~deployer.errors.UnknownApiError` and are never retried. A 22
-  also slows the shared rate limiter.
+- any other code raises its :mod:`deployer.errors` class; 11, 12, 22, 40 and
+  45 are retried by the default policies, 21, 23, 24, 31, 32 and 41 never;
+  unknown codes raise :class:`~deployer.errors.UnknownApiError` and are never
+  retried. A 22 also slows the shared rate limiter.
+- ``get_client_script`` is asked with the account's ``api_key`` and the
+  host's ``client_id`` instead of the host's ids; its reply must also carry a
+  ``script`` string (else it is a malformed, transient reply). That script is
+  the one thing returned unmasked: it is what gets installed.
 - network errors, timeouts, HTTP 5xx, HTTP 429 and 2xx bodies that are not
   the JSON of SPEC 1 are transient (:class:`~deployer.errors.ApiTransientError`).
 - any other HTTP status (3xx, 4xx) without a SPEC reply raises a plain
   :class:`~deployer.errors.ApiError` that is not retried (usually a wrong
   ``api_url``). Redirects are not followed: they would resend the credentials.
 
-Credentials travel only in the query string. They never reach an exception,
+Credentials (``user_id``, ``dbid``, ``host_uuid``, ``client_id``, ``api_key``)
+travel only in the query string. They never reach an exception,
 a log record or an event: messages are built here from our own words and the
 provider's scrubbed message, requests' exceptions (which quote the URL) are
 reduced to their kind, and the URL query is cut out of urllib3's log records.
@@ -34,11 +39,10 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -55,11 +59,18 @@ from deployer.events import EventSink
 from deployer.model import HostConfig, ProviderConfig
 from deployer.ratelimit import RateLimiter
 from deployer.retry import DEFAULT_RETRY, RetryPolicy
-from deployer.secrets import scrub
+from deployer.secrets import scrub, secret_forms
 
 log = logging.getLogger("deployer.api")
 
-CALLS: tuple[str, ...] = ("connect", "disconnect", "client_status", "set_allow_clientless")
+SCRIPT_CALL = "get_client_script"
+CALLS: tuple[str, ...] = (
+    "connect",
+    "disconnect",
+    "client_status",
+    "set_allow_clientless",
+    SCRIPT_CALL,
+)
 
 CODE_MEANINGS: dict[int, str] = {
     0: "ok",
@@ -70,6 +81,10 @@ CODE_MEANINGS: dict[int, str] = {
     23: "client blocked",
     24: "client inactive",
     31: "wrong data; check user_id, dbid, host_uuid and ports_id",
+    32: "invalid api key; check [provider] api_key",
+    40: "forwarding server unreachable",
+    41: "invalid region; check the client's region at the provider",
+    45: "provider internal error",
 }
 
 OFFLINE_CODE = 24
@@ -110,15 +125,6 @@ def install_urllib3_filter() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, UrlQueryFilter) for f in logger.filters):
             logger.addFilter(UrlQueryFilter())
-
-
-def secret_forms(values: Iterable[str]) -> list[str]:
-    """Each credential as it may appear: raw and URL-encoded."""
-    forms: set[str] = set()
-    for value in values:
-        if value:
-            forms.update({value, quote(value, safe=""), quote_plus(value)})
-    return sorted(forms, key=len, reverse=True)
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -206,7 +212,7 @@ class ProviderAPI:
         with self._lock:
             return self._too_many
 
-    # --- the four calls -----------------------------------------------------
+    # --- the calls ----------------------------------------------------------
 
     def connect(self, host: HostConfig) -> None:
         """Open the host's tunnel on the forwarding server."""
@@ -226,6 +232,15 @@ class ProviderAPI:
         """Set allow-clientless; returns only once the reply confirms ``allow``."""
         self.call("set_allow_clientless", host, allow=allow, retry=retry)
 
+    def get_client_script(self, host: HostConfig) -> str:
+        """The script the provider generated for ``host``'s ``client_id`` (SPEC 1b).
+
+        Returned exactly as the provider sent it, credentials and all (it is
+        the script to install): keep it out of output, logs and errors."""
+        self._check(SCRIPT_CALL, None, host)
+        reply = self._with_retries(SCRIPT_CALL, host, None, self.retry, raw=False)
+        return reply["script"]
+
     def call(
         self,
         call: str,
@@ -234,24 +249,36 @@ class ProviderAPI:
         allow: bool | None = None,
         retry: RetryPolicy | None = None,
     ) -> dict[str, Any]:
-        """Make ``call`` for ``host`` under ``retry``; return the provider's reply."""
-        self._check(call, allow)
-        return self._with_retries(call, host, allow, retry or self.retry, raw=False)
+        """Make ``call`` for ``host`` under ``retry``; return the provider's reply
+        (credentials it echoed masked)."""
+        self._check(call, allow, host)
+        reply = self._with_retries(call, host, allow, retry or self.retry, raw=False)
+        return self._masked(reply, host)
 
     def raw_call(self, call: str, host: HostConfig, allow: bool | None = None) -> dict[str, Any]:
         """One call as the provider answers it: transient failures are retried,
-        any SPEC reply (whatever its code) is returned, not raised."""
-        self._check(call, allow)
-        return self._with_retries(call, host, allow, self.retry.without_codes(), raw=True)
+        any SPEC reply (whatever its code) is returned, not raised (masked)."""
+        self._check(call, allow, host)
+        reply = self._with_retries(call, host, allow, self.retry.without_codes(), raw=True)
+        return self._masked(reply, host)
 
     # --- machinery ------------------------------------------------------------
 
-    @staticmethod
-    def _check(call: str, allow: bool | None) -> None:
+    def _check(self, call: str, allow: bool | None, host: HostConfig) -> None:
         if call not in CALLS:
             raise UsageError(f"unknown API call {call!r}; use one of: {', '.join(CALLS)}")
         if (call == "set_allow_clientless") != (allow is not None):
             raise UsageError("allow=true|false goes with set_allow_clientless and no other call")
+        if call == SCRIPT_CALL and self.provider.api_key is None:
+            raise UsageError(
+                f"{SCRIPT_CALL} needs the account's api_key; add api_key = "
+                '"${SSHREACH_API_KEY}" to [provider]'
+            )
+        if call == SCRIPT_CALL and host.client_id is None:
+            raise UsageError(
+                f"{SCRIPT_CALL} for host {host.name} needs its client_id; add "
+                f'client_id = "..." to [hosts.{host.name}]'
+            )
 
     def _with_retries(
         self, call: str, host: HostConfig, allow: bool | None, policy: RetryPolicy, raw: bool
@@ -316,7 +343,9 @@ class ProviderAPI:
         )
         return self._judge(call, host, allow, reply, raw)
 
-    def _query(self, host: HostConfig, allow: bool | None) -> dict[str, str]:
+    def _query(self, call: str, host: HostConfig, allow: bool | None) -> dict[str, str]:
+        if call == SCRIPT_CALL:  # _check made sure both are there
+            return {"api_key": self.provider.api_key.reveal(), "client_id": host.client_id.reveal()}
         query = {
             "user_id": self.provider.user_id.reveal(),
             "dbid": host.dbid.reveal(),
@@ -339,7 +368,7 @@ class ProviderAPI:
         timeout = self.provider.timeout
         try:
             response = self._session.get(
-                url, params=self._query(host, allow), timeout=timeout, allow_redirects=False
+                url, params=self._query(call, host, allow), timeout=timeout, allow_redirects=False
             )
         except requests.exceptions.Timeout:
             return None, f"no reply within {timeout:g}s (timeout)"
@@ -379,7 +408,7 @@ class ProviderAPI:
         if raw:
             if code == 0:
                 self.limiter.record_success()
-            return self._masked(reply, host)
+            return reply
         if code == 0 and not success:
             text = "inconsistent reply: error_code 0 with success false"
             raise self._error(ApiTransientError, call, host, text)
@@ -390,8 +419,11 @@ class ProviderAPI:
             said = json.dumps(reply.get("allow_clientless"))
             text = f"reply says allow_clientless={said}, expected {json.dumps(allow)}"
             raise self._error(ApiTransientError, call, host, text)
+        if call == SCRIPT_CALL and not isinstance(reply.get("script"), str):
+            text = "reply has no script (a string) beside error_code 0"
+            raise self._error(ApiTransientError, call, host, text)
         self.limiter.record_success()
-        return self._masked(reply, host)
+        return reply
 
     def _saw_too_many_calls(self) -> None:
         with self._lock:
@@ -418,7 +450,10 @@ class ProviderAPI:
         return cls(self._clean(message, host, limit=None), call=call, code=code, host=host.name)
 
     def _secrets(self, host: HostConfig) -> list[str]:
-        return secret_forms([self.provider.user_id.reveal(), *host.secret_values()])
+        values = [self.provider.user_id.reveal(), *host.secret_values()]
+        if self.provider.api_key:
+            values.append(self.provider.api_key.reveal())
+        return secret_forms(values)
 
     def _clean(self, text: str, host: HostConfig, limit: int | None = _MESSAGE_LIMIT) -> str:
         """Provider or library text made safe to show: no credentials, no query,

@@ -99,6 +99,33 @@ class WrongData(ApiError):
     code = 31
 
 
+# get_client_script (SPEC 1b) has codes of its own.
+
+
+class InvalidApiKey(ApiError):
+    """32: the account's ``api_key`` is wrong; every fetch of the run would fail."""
+
+    code = 32
+
+
+class ForwardingServerUnreachable(ApiError):
+    """40: the provider cannot reach the forwarding server; usually passes."""
+
+    code = 40
+
+
+class InvalidRegion(ApiError):
+    """41: the client's region is not valid at the provider (its settings there)."""
+
+    code = 41
+
+
+class ProviderInternalError(ApiError):
+    """45: the provider failed inside; usually passes."""
+
+    code = 45
+
+
 class UnknownApiError(ApiError):
     """An error code SPEC 1 does not list; never retried."""
 
@@ -113,6 +140,10 @@ API_ERRORS_BY_CODE: dict[int, type[ApiError]] = {
         ClientBlocked,
         ClientInactive,
         WrongData,
+        InvalidApiKey,
+        ForwardingServerUnreachable,
+        InvalidRegion,
+        ProviderInternalError,
     )
 }
 
@@ -159,6 +190,18 @@ class VerifyError(RemoteError):
 
 
 # --- the workflow --------------------------------------------------------------
+
+
+class ScriptRefused(DeployerError):
+    """A script to install was refused before anything was touched on its host."""
+
+
+class InvalidScript(ScriptRefused):
+    """The provider's script is empty, not UTF-8 text, or not valid Python."""
+
+
+class PinMismatch(ScriptRefused):
+    """The script's sha256 is not the pinned one (``--expect-sha256``, ``expect_sha256``)."""
 
 
 class ClientOffline(DeployerError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployer.secrets import Secret
+from deployer.secrets import Secret, secret_forms
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class ProviderConfig:
     timeout: float = 10.0  # seconds per API request
     offline_detection: float = 30.0  # seconds the provider takes to see a client offline
     tunnel_timeout: float = 30.0  # seconds to wait for the client's tunnel after connect
+    api_key: Secret | None = None  # the account key of get_client_script (source = "provider")
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,15 @@ class HostConfig:
     python: str = "python3"  # the interpreter that runs the guard on the host
     service: ServiceConfig = field(default_factory=ServiceConfig)
     vars: dict[str, Any] = field(default_factory=dict)
+    source: str = "template"  # template | provider (get_client_script, deployer.source)
+    client_id: Secret | None = None  # the host's client at the provider (source = "provider")
+    expect_sha256: str = ""  # pinned sha256 of the script to install; "" = not pinned
 
     def secret_values(self) -> list[str]:
-        return [self.dbid.reveal(), self.host_uuid.reveal()]
+        values = [self.dbid.reveal(), self.host_uuid.reveal()]
+        if self.client_id:
+            values.append(self.client_id.reveal())
+        return values
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,10 @@ class Inventory:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> host names
 
     def secret_values(self) -> list[str]:
+        """Every credential in every form text may hold it (``secrets.secret_forms``)."""
         values = [self.provider.user_id.reveal()]
+        if self.provider.api_key:
+            values.append(self.provider.api_key.reveal())
         for host in self.hosts.values():
             values.extend(host.secret_values())
-        return values
+        return secret_forms(values)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from deployer.errors import ApiError, ApiTransientError
 
-# Provider codes worth another try (SPEC 1): not connected, not disconnected,
-# too many calls. 21, 23, 24 and 31 are never retried.
-RETRYABLE_CODES: frozenset[int] = frozenset({11, 12, 22})
+# Provider codes worth another try (SPEC 1, 1b): not connected, not
+# disconnected, too many calls; and from get_client_script: forwarding server
+# unreachable, provider internal error. 21, 23, 24, 31, 32 (invalid api key)
+# and 41 (invalid region) are never retried: another try gets the same answer.
+RETRYABLE_CODES: frozenset[int] = frozenset({11, 12, 22, 40, 45})
 THROTTLED_CODE = 22
 
 

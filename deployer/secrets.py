@@ -9,8 +9,10 @@ from every log record as a second line of defence.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
 
 
 def mask(value: str) -> str:
@@ -57,11 +59,43 @@ class Secret:
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each raw secret in ``text`` by its mask."""
-    for raw in sorted({s for s in secrets if s}, key=len, reverse=True):
+    """Replace every occurrence of each raw secret in ``text`` by its mask.
+    (A blank "secret" is no credential: masking it would garble every space.)"""
+    for raw in sorted({s for s in secrets if s and s.strip()}, key=len, reverse=True):
         if raw in text:
             text = text.replace(raw, mask(raw))
     return text
+
+
+def secret_forms(values: Iterable[str]) -> list[str]:
+    """Each credential as text may hold it, longest first: raw, URL-encoded, and
+    the inside of a Python or JSON string literal (either quote, escaped
+    backslashes and quotes, ``\\x``/``\\u`` escapes). A script the provider
+    generates writes the ids in whatever quoting it likes; scrubbing every form
+    masks them all. For ids of letters, digits and ``-`` every form is the raw one.
+    """
+    forms: set[str] = set()
+    for value in values:
+        if value and value.strip():
+            forms.update(
+                {
+                    value,
+                    quote(value, safe=""),
+                    quote_plus(value),
+                    json.dumps(value)[1:-1],
+                    json.dumps(value, ensure_ascii=False)[1:-1],
+                    repr(value)[1:-1],
+                    ascii(value)[1:-1],
+                    _escaped(value, "'"),
+                    _escaped(value, '"'),
+                }
+            )
+    return sorted(forms, key=len, reverse=True)
+
+
+def _escaped(value: str, quote_char: str) -> str:
+    """``value`` inside a ``quote_char`` string literal with only ``\\`` and the quote escaped."""
+    return value.replace("\\", "\\\\").replace(quote_char, "\\" + quote_char)
 
 
 class RedactingFilter(logging.Filter):

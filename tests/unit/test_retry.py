@@ -9,9 +9,13 @@ from deployer.errors import (
     ApiTransientError,
     ClientBlocked,
     ClientInactive,
+    ForwardingServerUnreachable,
     InvalidApiCall,
+    InvalidApiKey,
+    InvalidRegion,
     NotConnected,
     NotDisconnected,
+    ProviderInternalError,
     TooManyCalls,
     UnknownApiError,
     WrongData,
@@ -57,11 +61,16 @@ def test_delays_yields_one_wait_between_each_try():
         (_err(ClientBlocked), False),
         (_err(ClientInactive), False),
         (_err(WrongData), False),
+        # get_client_script (SPEC 1b): 40 and 45 pass, 32 and 41 do not
+        (_err(ForwardingServerUnreachable), True),
+        (_err(ProviderInternalError), True),
+        (_err(InvalidApiKey), False),
+        (_err(InvalidRegion), False),
         (_err(UnknownApiError, 99), False),
         (_err(ApiError), False),  # an HTTP 4xx without a SPEC reply
     ],
 )
-def test_default_policy_retries_what_spec_1_says(error, retried):
+def test_default_policy_retries_what_spec_1_and_1b_say(error, retried):
     assert DEFAULT_RETRY.should_retry(error) is retried
     assert HARD_RETRY.should_retry(error) is retried
 

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from deployer.secrets import RedactingFilter, Secret, mask, scrub
+from deployer.secrets import RedactingFilter, Secret, mask, scrub, secret_forms
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +53,14 @@ def test_filter_scrubs_message_args_and_traceback(caplog):
     assert "call failed for …77aa" in text
     assert "ValueError: bad dbid …77aa" in text
     assert RAW not in text
+
+
+def test_a_blank_secret_masks_nothing():
+    assert scrub("a b  c", [" ", "", "  "]) == "a b  c"
+
+
+def test_secret_forms_cover_url_and_literal_quoting():
+    forms = secret_forms(['a"b\\c/d'])
+    for form in ('a"b\\c/d', 'a\\"b\\\\c/d', "a%22b%5Cc%2Fd"):
+        assert form in forms
+    assert secret_forms(["", " "]) == []
