@@ -44,6 +44,7 @@ PROVIDER_TYPES: dict[str, type] = {
     "timeout": float,
     "offline_detection": float,
     "tunnel_timeout": float,
+    "api_key": str,
 }
 PROVIDER_REQUIRED = ("api_url", "ssh_host", "user_id")
 PROVIDER_DEFAULTS = {
@@ -70,6 +71,8 @@ SETTING_TYPES: dict[str, type] = {
     "health": str,
     "guard_deadline": float,
     "python": str,
+    "source": str,
+    "expect_sha256": str,
     "vars": dict,
     "service": dict,
 }
@@ -79,6 +82,7 @@ HOST_ONLY_TYPES: dict[str, type] = {
     "host_uuid": str,
     "ports_id": int,
     "ssh_port": int,
+    "client_id": str,
     "groups": list,
 }
 HOST_REQUIRED = ("dbid", "host_uuid", "ports_id", "ssh_port")
@@ -92,12 +96,14 @@ SERVICE_REQUIRED: dict[str, tuple[str, ...]] = {
     "command": ("start", "stop", "check"),
 }
 HOST_KEY_POLICIES = ("strict", "accept-new")
-SECRET_KEYS = frozenset({"user_id", "dbid", "host_uuid"})
+SOURCES = ("template", "provider")  # where a host's script comes from (deployer.source)
+SECRET_KEYS = frozenset({"user_id", "dbid", "host_uuid", "api_key", "client_id"})
 RESERVED_TARGETS = frozenset({"all"})
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MODE_RE = re.compile(r"^0?[0-7]{3}$")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 ENV_ESCAPE = "$${"
 GLOB_CHARS = frozenset("*?[")
@@ -387,6 +393,16 @@ def _check_port(value: int, key: KeyPath, source: _Source) -> int:
     return value
 
 
+def _check_sha256(value: str, key: KeyPath, source: _Source) -> str:
+    if not SHA256_RE.match(value):
+        raise source.error(
+            key,
+            f"'{value}' is not a sha256 (64 hex digits)",
+            "write the hex digest of the reviewed script (deployer render HOST -o FILE prints it)",
+        )
+    return value.lower()
+
+
 def _check_nonempty(value: str, key: KeyPath, source: _Source) -> str:
     if not value.strip():
         raise source.error(key, "must not be empty", "set a value")
@@ -404,6 +420,9 @@ def _check_groups(value: list, key: KeyPath, source: _Source) -> list[str]:
 
 _VALUE_CHECKS = {
     "host_key_policy": _check_choice(HOST_KEY_POLICIES),
+    "source": _check_choice(SOURCES),
+    "expect_sha256": _check_sha256,
+    "client_id": _check_nonempty,
     "script_path": _check_absolute,
     "mode": _check_mode,
     "online_timeout": _check_number(0, strict=True),
@@ -440,6 +459,8 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
     for name in ("rate_limit", "timeout", "offline_detection", "tunnel_timeout"):
         _check_number(0, strict=True)(values[name], ("provider", name), source)
     _check_api_url(values["api_url"], source)
+    if "api_key" in values:
+        _check_nonempty(values["api_key"], ("provider", "api_key"), source)
     return ProviderConfig(
         api_url=values["api_url"],
         ssh_host=values["ssh_host"],
@@ -448,7 +469,21 @@ def _load_provider(doc: dict[str, Any], source: _Source) -> ProviderConfig:
         timeout=values["timeout"],
         offline_detection=values["offline_detection"],
         tunnel_timeout=values["tunnel_timeout"],
+        api_key=Secret(values["api_key"]) if "api_key" in values else None,
     )
+
+
+def _check_api_key(
+    provider: ProviderConfig, hosts: Mapping[str, HostConfig], source: _Source
+) -> None:
+    """source = "provider" fetches with the account's api_key: it must be there."""
+    fetching = [name for name, host in hosts.items() if host.source == "provider"]
+    if fetching and provider.api_key is None:
+        raise source.error(
+            ("provider",),
+            f"missing key 'api_key' (host {fetching[0]} has source = \"provider\")",
+            'add api_key = "${SSHREACH_API_KEY}" and export SSHREACH_API_KEY',
+        )
 
 
 def _check_api_url(url: str, source: _Source) -> None:
@@ -519,11 +554,18 @@ def _build_host(
     }
     raw_template = settings.get("template", str(HostConfig.template))
     template = _resolve_path(raw_template, base)
-    if not template.is_file():
+    provider_source = settings.get("source") == "provider"
+    if not provider_source and not template.is_file():
         raise source.error(
             origin.get("template", host_key),
             f"template '{raw_template}' not found (looked at {template})",
             "fix the path (set template = ...); it is relative to the inventory file",
+        )
+    if provider_source and "client_id" not in merged:
+        raise source.error(
+            host_key,
+            'source = "provider" needs the host\'s client_id',
+            f'add client_id = "..." (its client\'s id at the provider) to [hosts.{name}]',
         )
     settings["template"] = template
     for path_key in ("ssh_key", "known_hosts"):
@@ -536,6 +578,7 @@ def _build_host(
         ports_id=merged["ports_id"],
         ssh_port=merged["ssh_port"],
         groups=tuple(merged.get("groups", ())),
+        client_id=Secret(merged["client_id"]) if "client_id" in merged else None,
         service=service,
         vars={**merged["vars"], **overrides},
         **settings,
@@ -582,6 +625,7 @@ def load_inventory(
     defaults = _check_settings(doc.get("defaults", {}), ("defaults",), source, host=False)
     groups = _load_groups(doc.get("groups", {}), source)
     hosts = _load_hosts(doc, defaults, groups, dict(overrides or {}), source)
+    _check_api_key(provider, hosts, source)
     members = {g: tuple(h for h in hosts if g in hosts[h].groups) for g in groups}
     return Inventory(path=path.resolve(), provider=provider, hosts=hosts, groups=members)
 
@@ -589,8 +633,8 @@ def load_inventory(
 def _raw_secrets(doc: dict[str, Any]) -> set[str]:
     found: set[str] = set()
     provider = doc.get("provider")
-    if isinstance(provider, dict) and isinstance(provider.get("user_id"), str):
-        found.add(provider["user_id"])
+    if isinstance(provider, dict):
+        found.update(v for k, v in provider.items() if k in SECRET_KEYS and isinstance(v, str))
     hosts = doc.get("hosts")
     for table in hosts.values() if isinstance(hosts, dict) else ():
         if isinstance(table, dict):

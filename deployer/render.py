@@ -82,6 +82,7 @@ def host_context(inventory: Inventory, host: HostConfig) -> dict[str, Any]:
         host=host.name,
         dbid=host.dbid.reveal(),
         host_uuid=host.host_uuid.reveal(),
+        client_id=host.client_id.reveal() if host.client_id else "",
         groups=list(host.groups),
         template=str(host.template),
         service=dataclasses.asdict(host.service),
@@ -192,7 +193,7 @@ def render_command(template_str: str, context: dict[str, Any], what: str) -> str
 
 def _context_secrets(context: dict[str, Any]) -> list[str]:
     provider = context.get("provider")
-    values = [context.get("dbid"), context.get("host_uuid")]
+    values = [context.get("dbid"), context.get("host_uuid"), context.get("client_id")]
     values.append(provider.get("user_id") if isinstance(provider, dict) else None)
     return [v for v in values if isinstance(v, str)]
 
