@@ -62,14 +62,15 @@ def plan_host(
     online_timeout: float | None = None,
     stable_for: float | None = None,
 ) -> HostPlan:
-    from deployer.render import host_context, render_command, render_script
+    from deployer.render import host_context, render_command
+    from deployer.source import TemplateSource
 
     paths = HostPaths(host.script_path, run_id)
     script = sha = None
     tmpl = ""
     if render:
-        rendered = render_script(inventory, host, template)
-        script, sha, tmpl = rendered.text.encode("utf-8"), rendered.sha256, str(rendered.template)
+        found = TemplateSource(inventory, template).script_for(host)  # provider: source.py
+        script, sha, tmpl = found.data, found.sha256, found.origin
     context = host_context(inventory, host)
     online, stable, deadline = effective_timings(host, online_timeout, stable_for)
     validate = health = ""

@@ -16,8 +16,10 @@ A :class:`Rollout` schedules hosts in waves on one bounded thread pool:
 * **account-level errors** (SPEC 4) — API code 21 (invalid call: a wrong
   ``api_url`` or a bug) stops the run; code 31 (wrong data) stops the run
   while no host has succeeded yet, because a wrong ``user_id`` fails every
-  host with 31 whereas a wrong ``dbid`` fails only its own host; code 23
-  (client blocked) is that host's failure only.
+  host with 31 whereas a wrong ``dbid`` fails only its own host; code 32
+  (invalid api key, from ``get_client_script`` of ``source = "provider"``)
+  stops the run: the key is the account's, so every other fetch would fail
+  alike; code 23 (client blocked) is that host's failure only.
 
 Interrupts: the first :meth:`Rollout.interrupt` (Ctrl-C) stops scheduling and
 lets in-flight hosts finish their staged upgrade; the second sets every
@@ -50,8 +52,9 @@ log = logging.getLogger(__name__)
 FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
 #: results that let a canary wave pass (and prove the account is right)
 SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANNED})
-#: API codes that stop the whole run whatever else happened (SPEC 1: 21 invalid call)
-RUN_STOPPING_CODES = frozenset({21})
+#: API codes that stop the whole run whatever else happened (SPEC 1: 21 invalid
+#: call; SPEC 1b: 32 invalid api key, the account's own key)
+RUN_STOPPING_CODES = frozenset({21, 32})
 #: API codes that stop the run only while no host has succeeded (31: wrong data)
 ACCOUNT_SUSPECT_CODES = frozenset({31})
 

@@ -1,7 +1,9 @@
 """``deployer upgrade`` / ``deployer rollback`` as an engine call (no click here).
 
 :func:`run_upgrade` does the whole run: plan every host (local errors exit 2
-before any network call), then the rollout of :class:`~deployer.workflow.HostRun`
+before any network call), fetch the provider's scripts and check the pinned
+hashes (``deployer.source``: a refusal fails that host before any host
+starts), then the rollout of :class:`~deployer.workflow.HostRun`
 over the fleet with one API session, one rate limiter and one journal.
 """
 
@@ -37,6 +39,7 @@ class UpgradeRequest:
     template: Path | None = None
     online_timeout: float | None = None
     stable_for: float | None = None
+    expect_sha256: str | None = None  # --expect-sha256: overrides each host's expect_sha256
 
 
 def new_run_id() -> str:
@@ -52,14 +55,19 @@ def owner_label() -> str:
 
 
 def plan_all(request: UpgradeRequest, run_id: str) -> list[HostPlan]:
-    """Stage 1 for every host; raises LocalInputError before any network call."""
+    """Stage 1 for every host; raises LocalInputError before any network call.
+    A provider host's script is fetched later (``deployer.source.settle_scripts``)."""
+    from deployer.source import TEMPLATE, check_template_option
+
     render = request.options.command != "rollback"
+    if render:
+        check_template_option(request.hosts, request.template)
     plans = [
         plan_host(
             request.inventory,
             host,
             run_id,
-            render=render,
+            render=render and host.source == TEMPLATE,
             template=request.template,
             online_timeout=request.online_timeout,
             stable_for=request.stable_for,
@@ -101,6 +109,7 @@ def run_upgrade(
     from deployer.api import ProviderAPI
     from deployer.journal import Journal, JournalSink
     from deployer.ratelimit import RateLimiter
+    from deployer.source import Settled, report_refused
 
     run_id = new_run_id()
     plans = {p.name: p for p in plan_all(request, run_id)}
@@ -142,11 +151,16 @@ def run_upgrade(
         )
     events.run_started(run_id, list(plans))
 
+    settled = Settled(plans)
+
     def run_host(host: HostConfig, control: HostControl):
-        return HostRun(ctx, plans[host.name], control.abort).execute()
+        if host.name in settled.refused:
+            return report_refused(settled.refused[host.name], events)
+        return HostRun(ctx, settled.plans[host.name], control.abort).execute()
 
     rollout = Rollout(request.hosts, run_host, request.policy, events, host_events=False)
     try:
+        settled = _settle(request, plans, api)
         run.hosts = rollout.run()  # Ctrl-C / SIGTERM handled inside (deployer.rollout)
     finally:
         run.finished = time.time()
@@ -160,6 +174,21 @@ def run_upgrade(
     return run
 
 
+def _settle(request: UpgradeRequest, plans: dict[str, HostPlan], api):
+    """The plan phase's network part (upgrade only; a rollback takes a backup)."""
+    from deployer.source import Settled, settle_scripts
+
+    if request.options.command == "rollback":
+        return Settled(plans)
+    return settle_scripts(
+        plans,
+        api,
+        request.inventory,
+        expect_sha256=request.expect_sha256,
+        parallel=request.policy.parallel,
+    )
+
+
 def _journal_options(request: UpgradeRequest) -> dict:
     p = request.policy
     return {
@@ -170,4 +199,5 @@ def _journal_options(request: UpgradeRequest) -> dict:
         "max_failures": p.max_failures,
         "online_timeout": request.online_timeout,
         "stable_for": request.stable_for,
+        "expect_sha256": request.expect_sha256,
     }

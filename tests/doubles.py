@@ -277,6 +277,7 @@ class FakeApi:
         self.tunnel_open = False
         self.injections: list[Injection] = []
         self.on_call: Callable[[str, bool | None], None] | None = None
+        self.scripts: dict[str, str] = {}  # host -> what get_client_script answers
         self._lock = threading.Lock()
 
     def inject(
@@ -321,6 +322,10 @@ class FakeApi:
         elif not allow and self.allow:
             self.exposures[-1][1] = self.clock()
         self.allow = allow
+
+    def get_client_script(self, host: Any) -> str:
+        self._call("get_client_script", host)
+        return self.scripts[host.name]
 
     def calls_for(self, name: str) -> int:
         with self._lock:

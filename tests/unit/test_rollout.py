@@ -301,6 +301,25 @@ def test_code_21_stops_the_run():
     assert "21" in results[4].error.message
 
 
+def test_code_32_invalid_api_key_stops_the_run_even_after_a_success():
+    # the api_key is the account's: a 32 on one fetch means every fetch fails
+    hosts = make_hosts(5)
+    runner = FakeRunner({"sbx-001": lambda n: failed(n, Outcome.FAILED, code=32)})
+    rollout, results = run(hosts, runner, parallel=1)
+    assert runner.calls == ["sbx-000", "sbx-001"]
+    assert outcomes(results) == ["upgraded", "failed", "skipped", "skipped", "skipped"]
+    assert rollout.stop_reason.startswith("run stopped: account-level error (API code 32")
+
+
+@pytest.mark.parametrize("code", [40, 41, 45])
+def test_other_client_script_codes_fail_only_that_host(code):
+    hosts = make_hosts(3)
+    runner = FakeRunner({"sbx-000": lambda n: failed(n, Outcome.FAILED, code=code)})
+    rollout, results = run(hosts, runner, parallel=1)
+    assert outcomes(results) == ["failed", "upgraded", "upgraded"]
+    assert rollout.stop_reason is None
+
+
 def test_code_23_fails_only_that_host():
     hosts = make_hosts(4)
     runner = FakeRunner({"sbx-000": lambda n: failed(n, Outcome.FAILED, code=23)})
