@@ -18,8 +18,10 @@ from deployer.secrets import scrub
 ALLOW_MISUSE = "--allow true|false goes with set_allow_clientless and no other call"
 
 
-@click.command(help="Make one raw provider API call for HOST and print the reply.")
-@click.argument("call", type=click.Choice(CALLS))
+@click.command(
+    help=f"Make one raw provider API call for HOST and print the reply. CALL: {', '.join(CALLS)}."
+)
+@click.argument("call", type=click.Choice(CALLS), metavar="CALL")
 @click.argument("host")
 @click.option(
     "--allow",

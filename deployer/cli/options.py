@@ -40,6 +40,29 @@ def rollout_options() -> list:
     ]
 
 
+def expect_sha256_option():
+    return click.option(
+        "--expect-sha256",
+        metavar="HEX",
+        callback=_check_sha256,
+        help="Install only a script with this sha256 (the one reviewed); a host whose "
+        "script differs fails before anything is touched on it. Overrides the inventory's "
+        "expect_sha256.",
+    )
+
+
+def _check_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from deployer.inventory import SHA256_RE
+
+    if value is None:
+        return None
+    if not SHA256_RE.match(value.strip()):
+        raise click.BadParameter(
+            f"{value!r} is not a sha256 (64 hex digits); deployer render HOST -o FILE prints it"
+        )
+    return value.strip().lower()
+
+
 def build_policy(parallel: int, batch: str | None, canary: int, max_failures: str | None):
     from deployer.rollout import RolloutPolicy
 

@@ -1,8 +1,10 @@
-"""`deployer render HOST`: print the rendered client script of one host.
+"""`deployer render HOST`: print the client script that an upgrade would install on HOST.
 
-On stdout the credentials are masked (SPEC: secrets never reach output);
-``--output FILE`` writes the exact script (mode 0600) and prints only its
-sha256 and path, like ``sha256sum``.
+The host's template rendered, or for ``source = "provider"`` the provider's
+current script (fetched with ``get_client_script``, checked like an upgrade
+checks it). On stdout the credentials are masked (SPEC: secrets never reach
+output); ``--output FILE`` writes the exact script (mode 0600) and prints only
+its sha256 and path, like ``sha256sum``: the hash to pin with ``--expect-sha256``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import click
 
 
 @click.command(
-    help="Print the rendered script of HOST (credentials masked; --output for the exact file)."
+    help="Print the script an upgrade would install on HOST: its rendered template, or the "
+    'provider\'s script for source = "provider" (credentials masked; --output for the exact '
+    "file)."
 )
 @click.argument("host")
 @click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE", help="Override a var.")
 @click.option(
     "--template",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Render this template instead of the host's.",
+    help="Render this template instead of the host's (template hosts only).",
 )
 @click.option(
     "-o",
@@ -35,24 +39,36 @@ def render(
 ) -> None:
     from deployer.errors import UsageError
     from deployer.inventory import parse_var_overrides, select_hosts
-    from deployer.render import mask_secrets, render_script
+    from deployer.render import mask_secrets
 
     overrides = parse_var_overrides(var_items)
     inventory = obj.load_inventory(overrides)
     selected = select_hosts(inventory, [host])
     if len(selected) != 1:
         raise UsageError(f"render takes one host; '{host}' matches {len(selected)} hosts")
-    rendered = render_script(inventory, selected[0], template)
+    script = _script(inventory, selected[0], template)
     if output is None:
-        click.echo(mask_secrets(rendered.text, inventory), nl=False)
+        click.echo(mask_secrets(script.text, inventory), nl=False)
         click.echo(
             f"deployer: credentials masked; --output FILE writes the exact script "
-            f"(sha256 {rendered.sha256})",
+            f"(sha256 {script.sha256})",
             err=True,
         )
         return
-    write_private(output, rendered.text.encode("utf-8"))
-    click.echo(f"{rendered.sha256}  {output}")
+    write_private(output, script.data)
+    click.echo(f"{script.sha256}  {output}")
+
+
+def _script(inventory, host, template: Path | None):
+    """The host's script from its source; only a provider host opens the API."""
+    from deployer.source import PROVIDER, source_for
+
+    if host.source != PROVIDER:
+        return source_for(inventory, host, None, template).script_for(host)
+    from deployer.api import ProviderAPI
+
+    with ProviderAPI(inventory.provider, pool_size=1) as api:
+        return source_for(inventory, host, api, template).script_for(host)
 
 
 def write_private(path: Path, data: bytes) -> None:

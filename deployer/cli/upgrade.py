@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from deployer.cli.options import parse_vars, rollout_options
+from deployer.cli.options import expect_sha256_option, parse_vars, rollout_options
 
 
 def _common(func):
@@ -69,12 +69,13 @@ def _common(func):
     "--template",
     type=click.Path(dir_okay=False),
     metavar="PATH",
-    help="Render this template instead of the hosts' own.",
+    help="Render this template instead of the hosts' own (template hosts only).",
 )
+@expect_sha256_option()
 @click.pass_context
-def upgrade(ctx: click.Context, var_items, template, **kw) -> None:
+def upgrade(ctx: click.Context, var_items, template, expect_sha256, **kw) -> None:
     """Upgrade the client script on TARGETS (names, @group, all, globs)."""
-    _run(ctx, "upgrade", var_items, template, **kw)
+    _run(ctx, "upgrade", var_items, template, expect_sha256=expect_sha256, **kw)
 
 
 @click.command()
@@ -100,6 +101,7 @@ def _run(
     as_json,
     report,
     junit,
+    expect_sha256=None,
     **rollout_kw,
 ) -> None:
     from deployer import report as reporting
@@ -124,6 +126,7 @@ def _run(
         template=Path(template).resolve() if template else None,
         online_timeout=online_timeout,
         stable_for=stable_for,
+        expect_sha256=expect_sha256,
     )
     secrets = inventory.secret_values()
     progress = make_progress(sys.stderr, len(hosts), quiet=obj.quiet, secrets=secrets)
