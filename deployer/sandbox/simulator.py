@@ -507,11 +507,13 @@ class Simulator:
             with self._lock:
                 if not self._cuttable(record):
                     continue
+                record.tunnel_cuts += 1  # counted first: whoever sees the session end sees it
             if self.forwarder.cut(record.spec.iport):
-                with self._lock:
-                    record.tunnel_cuts += 1
                 cut.append(record.spec.name)
                 log.info("%s went offline without allow-clientless: tunnel cut", record.spec.name)
+            else:  # the session ended by itself meanwhile: nothing was cut
+                with self._lock:
+                    record.tunnel_cuts -= 1
         return cut
 
     def _cuttable(self, record: HostRecord) -> bool:
