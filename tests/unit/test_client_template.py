@@ -17,6 +17,7 @@ import getpass
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -359,6 +360,37 @@ def test_hostile_var_values_stay_literal(world, value):
     argv = module["tunnel_argv"](module["Target"](IPORT, "fw.example"))
     assert argv[-1] == value + "@fw.example"  # one argv element, as given
     assert not (world.root / "pwned").exists()
+
+
+def client_module(world) -> dict:
+    """The rendered client's module body (not its main), executed here."""
+    text = world.render()
+    module: dict = {"__name__": "rendered_client"}
+    exec(compile(text, str(world.script), "exec"), module)
+    return module
+
+
+@unit
+def test_log_records_are_masked_tracebacks_included(world):
+    module = client_module(world)
+    try:
+        raise ValueError(f"unknown url type: get_port4.php?uid={USER_ID}&dbid={DBID}")
+    except ValueError:
+        record = logging.LogRecord(
+            "c", logging.ERROR, "f", 1, "key %s", (HOST_UUID,), sys.exc_info()
+        )
+    assert module["MaskCredentials"]().filter(record)
+    text = logging.Formatter().format(record)
+    assert "key ***cccc" in text and "uid=***aaaa&dbid=***bbbb" in text
+    assert not [c for c in CREDENTIALS if c in text]
+
+
+@unit
+def test_ssh_paths_are_absolute_with_tilde_expanded_and_percent_doubled(world):
+    module = client_module(world)
+    assert module["ssh_path"]("~/keys/id") == str(Path.home() / "keys" / "id")
+    assert module["ssh_path"]("rel/k%h") == str(Path.cwd() / "rel" / "k%%h")
+    assert module["ssh_path_option"]("/a b/known") == '"/a b/known"'
 
 
 @unit
