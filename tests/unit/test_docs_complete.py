@@ -61,10 +61,12 @@ def expected_defaults() -> dict[str, dict[str, Any]]:
     """Per table: key -> the default the docs must show (from the code)."""
     host = {f.name: f.default for f in dataclasses.fields(HostConfig)}
     provider = {k: REQUIRED for k in inv.PROVIDER_REQUIRED} | dict(inv.PROVIDER_DEFAULTS)
+    provider |= {k: UNSET for k in inv.PROVIDER_TYPES if k not in provider}  # api_key
     settings = {k: host.get(k, ANY) for k in inv.SETTING_TYPES if k not in ("service", "vars")}
     settings |= {"template": str(host["template"]), "vars": {}, "service": ANY}
     settings["guard_deadline"] = UNSET if host["guard_deadline"] is None else settings
     host_only = {k: REQUIRED for k in inv.HOST_REQUIRED} | {"groups": list(host["groups"])}
+    host_only |= {k: UNSET for k in inv.HOST_ONLY_TYPES if host.get(k, ANY) is None}  # client_id
     service = {f.name: f.default for f in dataclasses.fields(ServiceConfig)}
     service |= {k: ANY for k in inv.SERVICE_TYPES if k not in service}
     return {
