@@ -602,7 +602,7 @@ def _single(params: dict[str, list[str]], key: str) -> str | None:
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 256
+    request_queue_size = 1024  # hundreds of clients poll at once after a restart
 
     def __init__(self, address, handler, simulator: Simulator):
         self.simulator = simulator
