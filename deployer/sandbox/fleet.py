@@ -568,6 +568,7 @@ def inventory_text(
         "timeout": t.api_timeout,
         "offline_detection": t.offline_after,
         "tunnel_timeout": t.tunnel_timeout,
+        "api_key": config["api_key"],  # for source = "provider" (get_client_script)
     }
     defaults = {
         "ssh_user": config["user"],
@@ -613,6 +614,7 @@ def inventory_text(
             "host_uuid": host["host_uuid"],
             "ports_id": host["ports_id"],
             "ssh_port": runner["iports"][name],
+            "client_id": host["client_id"],
             "groups": [GROUP],
             "script_path": str(root / "hosts" / name / "client.py"),
             "vars": {

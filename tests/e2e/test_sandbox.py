@@ -185,6 +185,7 @@ def test_inventory_and_sandbox_json_describe_the_world_as_in_production(world):
     doc = sb.document
     assert list(inv.hosts) == sb.hosts and inv.groups["sandbox"] == tuple(sb.hosts)
     assert (inv.provider.ssh_host, inv.provider.tunnel_timeout) == ("127.0.0.1", 10.0)
+    assert inv.provider.api_key.reveal() == doc["api_key"]  # source = "provider" works too
     assert inv.provider.offline_detection == 1.5
     assert doc["forwarding_port"] == sb.info.forwarding_port
     assert doc["account_key"] == str(sb.dir / "account_key") and doc["profile"] == "fast"
@@ -199,6 +200,7 @@ def test_inventory_and_sandbox_json_describe_the_world_as_in_production(world):
         assert (host.service.kind, host.host_key_policy) == ("pidfile", "strict")
         assert "$DEPLOYER_SWAP_MARK" in host.service.ready
         assert host.host_uuid.reveal() == ids["host_uuid"] and host.dbid.reveal() == ids["dbid"]
+        assert host.client_id.reveal() == ids["client_id"]
         assert f"[127.0.0.1]:{host.ssh_port} ssh-ed25519 " in known
         assert ids["script_path"] == host.script_path
     assert oct(os.stat(sb.dir / "sandbox.json").st_mode & 0o777) == oct(0o600)
