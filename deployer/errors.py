@@ -163,6 +163,18 @@ class SshConnectError(RemoteError):
     """The SSH session could not be opened or was lost."""
 
 
+class TunnelNotUp(SshConnectError):
+    """Nothing answers SSH at the tunnel's endpoint yet (refused, reset, no banner).
+
+    Expected right after ``connect``: a real client opens its tunnel at its next
+    poll, seconds later. Retried until ``provider.tunnel_timeout``."""
+
+
+class SshSessionLost(SshConnectError):
+    """An open SSH session died: the tunnel under it ended (the old client's stop
+    ended its tunnel process, the provider cut it) or the network went away."""
+
+
 class RemoteCommandError(RemoteError):
     """A remote command exited non-zero; carries the command and its output tail."""
 

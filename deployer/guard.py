@@ -16,16 +16,26 @@ What it does, writing one JSON line per step to ``run_dir/status``:
 1. ``backed_up``  copy the installed script to the backup path;
 2. ``stopped``    stop the running client and check that it stopped;
 3. ``swapped``    rename the staged script over the installed one (atomic);
-4. ``started``    start the new client;
+4. ``started``    touch ``swap-mark`` and start the new client;
+   ``ready``      the service's ``ready`` probe passed (if one is configured):
+                  the NEW client reached the provider since ``swap-mark``;
 5. then watch until one of:
    - ``run_dir/commit`` appears -> ``committed``, exit: the new script stays;
    - ``run_dir/revert`` appears, the new client's process dies, deployer
-     stops touching ``run_dir/alive`` for ``silence_limit`` seconds, or the
-     deadline passes (``deadline`` from start; once ``run_dir/firstlife``
-     appears it tightens to ``soak_deadline`` from then) -> revert:
-     stop the new client, restore the backup, start the old client, wait
-     for it to run (and to be online, through the provider API), call
-     ``set_allow_clientless(false)`` itself, write ``reverted``.
+     stops touching ``run_dir/alive`` for ``silence_limit`` seconds (counted
+     from ``go`` at the latest), or the deadline passes (``deadline`` from
+     go; once ``run_dir/firstlife`` appears it tightens to ``soak_deadline``
+     from then) -> revert: stop the new client, restore the backup, touch
+     ``restore-mark``, start the old client, keep the window open until it
+     reached the provider (its ready probe, or ``client_status`` online once
+     ``offline_detection`` has passed since its start), then call
+     ``set_allow_clientless(false)`` itself and write ``reverted``; when
+     deployer went silent and had opened the tunnel itself
+     (``tunnel_opened``), also ``disconnect``.
+
+Every deadline runs on the host's monotonic clock: a wall-clock step (NTP on
+a board without a real-time clock) neither reverts a healthy upgrade nor
+hides a vanished deployer.
 
 So a deployer that vanishes at any moment leaves neither an open window nor
 a host without a client. ``--revert`` runs only the undo (``deployer`` uses
@@ -48,9 +58,11 @@ CONFIG = {}  # replaced per run by deployer.plan.render_guard
 
 POLL = 0.1  # seconds between looks at the control files and the client
 GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window
+READY_POLL = 0.2  # seconds between runs of the service's ready probe
 STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
-REVERT_ONLINE_WAIT = 30.0  # seconds to wait for the restored client to be online
+REVERT_ONLINE_WAIT = 30.0  # default seconds to wait for the restored client's evidence
 CLOSE_WINDOW_FOR = 90.0  # seconds to keep retrying set_allow_clientless(false)
+DISCONNECT_FOR = 30.0  # seconds to keep retrying disconnect for a vanished deployer
 
 
 class Guard:
@@ -61,6 +73,10 @@ class Guard:
         self.service = make_service(cfg["service"])
         self.terminated = False
         self.swapped = False
+        # deployer's liveness, on this host's monotonic clock: the last time the
+        # mtime of ``alive`` changed (a wall-clock step must not fake or hide it)
+        self.heard = time.monotonic()
+        self.alive_seen = None
 
     # -- status and control files ------------------------------------------
 
@@ -81,7 +97,8 @@ class Guard:
         cfg = self.cfg
         if not self.wait_for_go():
             return 1
-        started = time.time()
+        started = time.monotonic()
+        self.heard = started  # silence counts from go at the latest
         self.status("running", deadline=cfg["deadline"])
         backup = self.backup()
         if self.service.running():
@@ -118,18 +135,26 @@ class Guard:
         and the window deployer may have opened is closed.
         """
         self.status("armed", go_deadline=self.cfg["go_deadline"])
-        end = time.time() + self.cfg["go_deadline"]
+        end = time.monotonic() + self.cfg["go_deadline"]
         while not self.control("go"):
             if not os.path.isdir(self.run_dir):
                 return False  # deployer cleaned this run up: nothing to do, nothing to close
             reason = None
             if self.control("revert") or self.terminated:
                 reason = "disarmed before the swap"
-            elif time.time() > end:
+            elif time.monotonic() > end:
                 reason = "no go from deployer before the go deadline"
             if reason:
                 closed = self.close_window()
-                self.status("aborted", reason=reason, changed=False, window_closed=closed)
+                gone = reason.startswith("no go")
+                disconnected = self.disconnect() if gone else None
+                self.status(
+                    "aborted",
+                    reason=reason,
+                    changed=False,
+                    window_closed=closed,
+                    disconnected=disconnected,
+                )
                 return False
             time.sleep(GO_POLL)
         return True
@@ -149,33 +174,55 @@ class Guard:
 
     def watch(self, started, backup):
         cfg = self.cfg
+        mark = self.mark("swap-mark")
         pid = self.service.start()
         self.status("started", client_pid=pid)
         deadline = started + cfg["deadline"]
         tightened = False
+        ready = not cfg.get("ready")  # without a probe deployer judges first life
+        next_probe = 0.0
         while True:
             if self.control("commit"):
                 self.status("committed")
                 return 0
-            now = time.time()
+            now = time.monotonic()
+            if not ready and now >= next_probe:
+                ready = self.probe(mark)
+                next_probe = now + READY_POLL
+                if ready:
+                    self.status("ready", after=round(now - mark[1], 3))
             if not tightened and self.control("firstlife"):
                 tightened = True
                 deadline = min(deadline, now + cfg["soak_deadline"])
                 self.status("first_life", deadline_in=round(deadline - now, 3))
-            reason = None
+            reason, vanished = None, False
             if self.control("revert"):
                 reason = "deployer asked for a revert"
             elif self.terminated:
                 reason = "the guard was terminated"
+            elif self.deployer_silent(now):
+                reason, vanished = "deployer went silent before the commit", True
             elif now > deadline:
                 reason = "deadline passed without a commit"
-            elif self.deployer_silent(now):
-                reason = "deployer went silent before the commit"
             elif not self.service.running():
                 reason = "the new client's process exited"
             if reason:
-                return self.revert(reason, backup)
+                return self.revert(reason, backup, vanished)
             time.sleep(POLL)
+
+    def mark(self, name):
+        """Touch ``run_dir/NAME`` just before a client starts: the ready probe
+        passes once the client's good-poll file is newer than it."""
+        path = os.path.join(self.run_dir, name)
+        with open(path, "w") as fh:
+            fh.write("%.3f\n" % time.time())
+        return path, time.monotonic(), time.time()
+
+    def probe(self, mark):
+        """The service's ready probe: did the client started after ``mark`` poll?"""
+        env = dict(os.environ)
+        env.update(DEPLOYER_SWAP_MARK=mark[0], DEPLOYER_SWAP_TIME="%.3f" % mark[2])
+        return shell(self.cfg["ready"], timeout=20, env=env) == 0
 
     def deployer_silent(self, now):
         """Deployer touches ``alive`` each time it reads the status; a deployer
@@ -183,14 +230,18 @@ class Guard:
         waiting for the deadline would only keep the window open longer."""
         limit = self.cfg.get("silence_limit")
         try:
-            seen = os.stat(os.path.join(self.run_dir, "alive")).st_mtime
+            seen = os.stat(os.path.join(self.run_dir, "alive")).st_mtime_ns
         except OSError:
-            return False  # not yet heard from: the deadline covers that
-        return bool(limit) and now - seen > limit
+            seen = None
+        if seen != self.alive_seen:
+            self.alive_seen, self.heard = seen, now
+        return bool(limit) and now - self.heard > limit
 
     # -- the undo -------------------------------------------------------------
 
-    def revert(self, reason, backup):
+    def revert(self, reason, backup, vanished=False):
+        """Undo the swap; ``vanished``: deployer is gone (not just slow), so the
+        tunnel it opened is closed too once the host is safe."""
         cfg = self.cfg
         self.status("reverting", reason=reason)
         self.service.stop()
@@ -199,31 +250,59 @@ class Guard:
             shutil.copy2(backup, tmp)
             fsync_file(tmp)
             os.replace(tmp, cfg["script_path"])
+        mark = self.mark("restore-mark")
         pid = self.service.start()
         self.status("restored", client_pid=pid, backup=backup)
-        running = self.wait_restored()
+        running = self.wait_restored(mark)
         closed = self.close_window()
-        self.status("reverted", ok=running, window_closed=closed)
+        disconnected = self.disconnect() if vanished else None
+        self.status("reverted", ok=running, window_closed=closed, disconnected=disconnected)
         return 2
 
-    def wait_restored(self):
-        end = time.time() + REVERT_ONLINE_WAIT
-        while time.time() < end:
-            if self.service.running() and api_online(self.cfg.get("api")):
-                return True
-            time.sleep(0.2)
+    def wait_restored(self, mark):
+        """Keep the window open until the restored client has reached the provider:
+        its ready probe passes, or ``client_status`` reads online once the new
+        client's last polls have aged out (``offline_detection`` after the
+        restart). Closing on a stale "online" would let the provider cut the
+        tunnel of a restored client that has not polled yet."""
+        cfg = self.cfg
+        aged = mark[1] + cfg.get("offline_detection", 0.0)
+        end = mark[1] + cfg.get("revert_online_wait", REVERT_ONLINE_WAIT)
+        while time.monotonic() < end:
+            if self.service.running():
+                if cfg.get("ready") and self.probe(mark):
+                    return True
+                if time.monotonic() >= aged and api_online(cfg.get("api")):
+                    return True
+            time.sleep(READY_POLL)
         return self.service.running()
+
+    def disconnect(self):
+        """deployer opened the tunnel and vanished: close it once the host is safe,
+        so no tunnel stays open that nobody uses."""
+        api = self.cfg.get("api")
+        if not api or not self.cfg.get("tunnel_opened"):
+            return None
+        end, delay = time.monotonic() + DISCONNECT_FOR, 0.2
+        while True:
+            reply = api_call(api, "disconnect")
+            if reply and reply.get("success"):
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def close_window(self):
         api = self.cfg.get("api")
         if not api:
             return False
-        end, delay = time.time() + CLOSE_WINDOW_FOR, 0.2
+        end, delay = time.monotonic() + CLOSE_WINDOW_FOR, 0.2
         while True:
             reply = api_call(api, "set_allow_clientless", allow="false")
             if reply and reply.get("success") and reply.get("allow_clientless") is False:
                 return True
-            if time.time() > end:
+            if time.monotonic() > end:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -266,7 +345,7 @@ def make_service(svc):
     return CommandService(start=svc["start"], stop=svc["stop"], check=svc["check"])
 
 
-def shell(command, timeout=60):
+def shell(command, timeout=60, env=None):
     try:
         return subprocess.run(
             ["/bin/sh", "-c", command],
@@ -274,6 +353,7 @@ def shell(command, timeout=60):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=timeout,
+            env=env,
         ).returncode
     except subprocess.TimeoutExpired:
         return 124
@@ -287,7 +367,7 @@ class CommandService:
 
     def running(self):
         # a check command may be costly: ask at most twice a second
-        now = time.time()
+        now = time.monotonic()
         if now - self.last_check >= 0.5:
             self.last_result = shell(self.check_cmd, timeout=20) == 0
             self.last_check = now
@@ -300,9 +380,9 @@ class CommandService:
 
     def stop(self):
         shell(self.stop_cmd)
-        end = time.time() + STOP_WAIT
+        end = time.monotonic() + STOP_WAIT
         self.last_check = 0.0
-        while self.running() and time.time() < end:
+        while self.running() and time.monotonic() < end:
             time.sleep(0.2)
             self.last_check = 0.0
 
@@ -355,8 +435,8 @@ class PidfileService:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 return
-            end = time.time() + wait
-            while time.time() < end:
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
                 if not self.running():
                     return
                 time.sleep(0.05)

@@ -22,6 +22,7 @@ SOAK_MARGIN = 10.0  # seconds the guard waits past stable_for after first life,
 GO_DEADLINE = 60.0  # seconds an armed guard waits for the swap's go (window opening)
 SILENCE_MIN = 15.0  # + 3 API timeouts: deployer unheard this long before commit is gone
 GUARD_EXTRA = 60.0  # default guard deadline = online_timeout + stable_for + this
+REVERT_EVIDENCE_MIN = 30.0  # a restored client gets at least this long to show it polls
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,21 @@ class HostPlan:
 
 
 def effective_timings(
-    host: HostConfig, online_timeout: float | None, stable_for: float | None
+    host: HostConfig,
+    online_timeout: float | None,
+    stable_for: float | None,
+    offline_detection: float = 0.0,
 ) -> tuple[float, float, float]:
+    """online_timeout, stable_for and the guard's deadline for ``host``.
+
+    Without a ready probe, first life is only proven ``offline_detection``
+    after the new client's start (the old client's polls must age out first):
+    the guard's deadline leaves room for that wait too."""
     online = online_timeout if online_timeout is not None else host.online_timeout
     stable = stable_for if stable_for is not None else host.stable_for
-    deadline = host.guard_deadline or online + stable + GUARD_EXTRA
-    return online, stable, max(deadline, online + stable + 5.0)
+    evidence = 0.0 if host.service.ready else offline_detection
+    deadline = host.guard_deadline or online + evidence + stable + GUARD_EXTRA
+    return online, stable, max(deadline, online + evidence + stable + 5.0)
 
 
 def plan_host(
@@ -72,7 +82,9 @@ def plan_host(
         found = TemplateSource(inventory, template).script_for(host)  # provider: source.py
         script, sha, tmpl = found.data, found.sha256, found.origin
     context = host_context(inventory, host)
-    online, stable, deadline = effective_timings(host, online_timeout, stable_for)
+    online, stable, deadline = effective_timings(
+        host, online_timeout, stable_for, inventory.provider.offline_detection
+    )
     validate = health = ""
     if host.validate:
         validate = render_command(
@@ -101,25 +113,33 @@ def _service(host: HostConfig, context: dict[str, Any], paths: HostPaths) -> dic
 
     svc = host.service
     what = f"host {host.name}: service"
+    ready = render_command(svc.ready, context, what + ".ready") if svc.ready else ""
     if svc.kind == "systemd":
-        return {"kind": "systemd", "unit_q": sh(svc.unit)}
+        return {"kind": "systemd", "unit_q": sh(svc.unit), "ready": ready}
     if svc.kind == "pidfile":
         return {
             "kind": "pidfile",
             "pidfile": render_command(svc.pidfile, context, what + ".pidfile"),
             "run": render_command(svc.run, context, what + ".run"),
             "log": posixpath.join(paths.base, "client.log"),
+            "ready": ready,
         }
     return {
         "kind": "command",
         "start": render_command(svc.start, context, what + ".start"),
         "stop": render_command(svc.stop, context, what + ".stop"),
         "check": render_command(svc.check, context, what + ".check"),
+        "ready": ready,
     }
 
 
-def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict[str, Any]:
-    """The guard's CONFIG for this run. Holds API credentials: never log it."""
+def guard_config(
+    plan: HostPlan, inventory: Inventory, backup_path: str, *, tunnel_opened: bool = False
+) -> dict[str, Any]:
+    """The guard's CONFIG for this run. Holds API credentials: never log it.
+
+    ``tunnel_opened``: deployer called ``connect`` for this run, so a guard that
+    finds deployer gone also calls ``disconnect`` once the host is safe."""
     provider = inventory.provider
     return {
         "run_dir": plan.paths.run_dir,
@@ -130,7 +150,14 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
         "deadline": plan.guard_deadline,
         "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * provider.timeout,
         "go_deadline": min(plan.guard_deadline, GO_DEADLINE),
-        "silence_limit": SILENCE_MIN + 3 * provider.timeout,
+        # deployer may be unheard while it reaches the host again after the swap
+        "silence_limit": max(
+            SILENCE_MIN + 3 * provider.timeout, SILENCE_MIN + provider.tunnel_timeout
+        ),
+        "ready": plan.service.get("ready", ""),
+        "offline_detection": provider.offline_detection,
+        "revert_online_wait": revert_online_wait(provider.offline_detection),
+        "tunnel_opened": tunnel_opened,
         "api": {
             "url": provider.api_url,
             "timeout": provider.timeout,
@@ -142,6 +169,12 @@ def guard_config(plan: HostPlan, inventory: Inventory, backup_path: str) -> dict
             },
         },
     }
+
+
+def revert_online_wait(offline_detection: float) -> float:
+    """Seconds a reverting guard keeps the window open for the restored client's
+    evidence (it must outlast the offline detection, see the guard)."""
+    return max(REVERT_EVIDENCE_MIN, 2 * offline_detection + 10.0)
 
 
 def guard_source() -> str:

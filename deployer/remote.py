@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from deployer.errors import HostKeyError, RemoteCommandError, SshConnectError
+from deployer.errors import (
+    HostKeyError,
+    RemoteCommandError,
+    SshConnectError,
+    SshSessionLost,
+    TunnelNotUp,
+)
 from deployer.model import HostConfig, ProviderConfig
 
 log = logging.getLogger("deployer.remote")
@@ -187,10 +193,16 @@ class SshRemote:
                 step="ssh",
             )
         if isinstance(exc, socket.timeout | TimeoutError):
-            return SshConnectError(
+            return TunnelNotUp(
                 f"SSH to {where} timed out after {self.connect_timeout:g}s",
                 host=self.name,
                 step="ssh",
+            )
+        if isinstance(exc, OSError | EOFError | paramiko.SSHException):
+            # refused, reset, closed before the banner: no tunnel (yet) at that port,
+            # or the tunnel is up but the host's sshd is not answering through it
+            return TunnelNotUp(
+                f"SSH to {where} failed: {type(exc).__name__}: {exc}", host=self.name, step="ssh"
             )
         return SshConnectError(
             f"SSH to {where} failed: {type(exc).__name__}: {exc}", host=self.name, step="ssh"
@@ -251,7 +263,7 @@ class SshRemote:
                 host=self.name,
                 command=command,
             )
-        return SshConnectError(f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name)
+        return SshSessionLost(f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name)
 
     def write_file(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` (a fresh temp path; the caller renames it).
@@ -280,7 +292,7 @@ class SshRemote:
                 f"upload to {path} failed: {exc}", host=self.name, command=f"sftp put {path}"
             ) from None
         except Exception as exc:  # noqa: BLE001 - paramiko SSHException, EOFError, socket
-            raise SshConnectError(
+            raise SshSessionLost(
                 f"SSH session lost during upload to {path}: {type(exc).__name__}", host=self.name
             ) from None
 

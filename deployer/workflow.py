@@ -35,6 +35,8 @@ from deployer.errors import (
     LockHeld,
     RemoteError,
     SshConnectError,
+    SshSessionLost,
+    TunnelNotUp,
     VerifyError,
 )
 from deployer.events import EventSink
@@ -49,8 +51,8 @@ from deployer.hostfiles import (
     take_lock,
 )
 from deployer.model import HostConfig, Inventory
-from deployer.plan import HostPlan, guard_config, render_guard
-from deployer.remote import Remote, sh, sha256_hex
+from deployer.plan import HostPlan, guard_config, render_guard, revert_online_wait
+from deployer.remote import CommandResult, Remote, sh, sha256_hex
 from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
 from deployer.retry import HARD_RETRY
 from deployer.secrets import scrub
@@ -58,16 +60,23 @@ from deployer.secrets import scrub
 log = logging.getLogger("deployer.workflow")
 
 GUARD_POLL = 0.05  # seconds between looks at the guard's status while it swaps
+EVIDENCE_POLL = 0.25  # seconds between looks at the guard while waiting out offline detection
+SSH_RETRY = (0.25, 1.5, 2.0)  # reaching a host while its tunnel comes up: first delay, factor, cap
 STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap
 SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
-REVERT_WAIT = 90.0  # seconds for the guard to finish a revert
+REVERT_WAIT = 60.0  # seconds for the guard to stop, restore and restart, past its evidence wait
 DISARM_WAIT = 10.0  # seconds for an armed guard to give up when asked
 CLEANUP_REATTACH = 30.0  # seconds cleanup tries to reach a host again to release its lock
 REATTACH_EVERY = 2.0  # seconds between attempts to reach a host again
 REATTACH_MARGIN = 60.0  # past the guard's deadline, give up reaching the host
 
 FINAL_GUARD_STATES = {"committed", "reverted", "aborted"}
+WATCHING_STATES = {"started", "ready", "first_life"}  # the new client runs, the guard watches it
+# Where a lost session is expected and is regained to go on (the old client's stop
+# may end the tunnel it rode on). Later, with the window closed, a lost session
+# means the new client's tunnel was cut: that rolls back.
+SWAP_STEPS = {"swap", "first_life", "close_window"}
 REVERTING_STATES = {"reverting", "restored", "reverted", "aborted", "error"}
 
 
@@ -113,6 +122,7 @@ class HostRun:
         self.swap_at = 0.0
         self.guard_armed = False
         self.keep_lock = False  # an undisarmed guard: the lock stays, recover finishes
+        self.unwinding = False  # rolling back or cleaning up: an abort no longer cuts waits short
         self.backup_path: str | None = None
 
     # -- the run ------------------------------------------------------------------
@@ -234,7 +244,72 @@ class HostRun:
         self.api.connect(self.host)
 
     def _open_ssh(self) -> None:
-        self.remote = self.ctx.remote_factory(self.host)
+        self.remote = self._reach(self.ctx.inventory.provider.tunnel_timeout)
+        self._warn_kill_mode()
+
+    def _warn_kill_mode(self) -> None:
+        """systemd's default KillMode ends every process of the unit on stop, the
+        client's detached tunnel too, and with it this session (SPEC 1b)."""
+        svc = self.host.service
+        if svc.kind != "systemd":
+            return
+        show = sh("systemctl", "show", "-p", "KillMode", "--value", svc.unit)
+        res = self.remote.run(show, check=False)
+        mode = res.stdout.strip()
+        if res.ok and mode in ("control-group", "mixed"):
+            self._message(
+                f"unit {svc.unit} has KillMode={mode}: its stop also ends the client's "
+                "tunnel and this SSH session; deployer will reach the host again through "
+                "the new client's tunnel. Set KillMode=process to keep the tunnel"
+            )
+
+    def _reach(self, within: float) -> Remote:
+        """SSH to the host through its tunnel, retrying while the tunnel comes up.
+
+        ``connect`` takes effect at the client's next poll: the client then starts
+        its ``ssh -R``, so for a poll interval plus a handshake nothing answers at
+        the tunnel's port (refused, reset). Other SSH errors are not retried."""
+        end = self.clock.now() + within
+        first, factor, cap = SSH_RETRY
+        delay = first
+        while True:
+            try:
+                return self.ctx.remote_factory(self.host)
+            except TunnelNotUp as exc:
+                if self.clock.now() + delay > end:
+                    raise TunnelNotUp(
+                        f"{exc}; no tunnel within tunnel_timeout ({within:g}s): is the client "
+                        "polling the provider, and can it reach the forwarding server?",
+                        host=self.host.name,
+                        step=self.step_name,
+                    ) from None
+            if self.unwinding:  # Ctrl-C must not cut short reaching a host to undo it
+                self.clock.sleep(delay)
+            else:
+                self.clock.sleep(delay, self.abort)
+                self._check_abort()
+            delay = min(delay * factor, cap)
+
+    def _regain(self) -> None:
+        """The session died after the swap: the old client's stop ended the tunnel
+        process it rode on (systemd's default KillMode kills the whole cgroup).
+        The new client opens a tunnel at its first poll: reach the host through it."""
+        if self.remote is not None:
+            self.remote.close()
+        self.remote = None
+        self._message("SSH session lost at the swap; reaching the host through the new tunnel")
+        self.remote = self._reach(self.ctx.inventory.provider.tunnel_timeout)
+
+    def _on_host(self, command: str, **kwargs: Any) -> CommandResult:
+        """Run an idempotent command; during the swap, reach the host again once
+        if the session was lost under it."""
+        try:
+            return self.remote.run(command, **kwargs)
+        except SshSessionLost:
+            if self.step_name not in SWAP_STEPS:
+                raise
+            self._regain()
+            return self.remote.run(command, **kwargs)
 
     def _lock(self) -> None:
         self._note(lock_maybe_held=True)
@@ -293,7 +368,9 @@ class HostRun:
     def _stage(self) -> None:
         r, p = self.remote, self.paths
         self.backup_path = backup = p.backup_for(self.old_sha, self.clock.wall())
-        guard = render_guard(guard_config(self.plan, self.ctx.inventory, backup))
+        guard = render_guard(
+            guard_config(self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened)
+        )
         self._note(staged=True, backup_path=backup)
         r.run(f"umask 077 && mkdir -p {sh(p.backups)} {sh(p.run_dir)}")
         r.write_file(p.staged, self.script)
@@ -344,21 +421,46 @@ class HostRun:
         self._note(swap_started=True)
         self.swap_started = True
         self.swap_at = self.clock.now()
-        self.remote.run(sh("touch", self.paths.control("go")))
+        self._on_host(sh("touch", self.paths.control("go")))
 
     def _first_life(self) -> None:
+        """Wait for evidence that the NEW client reached the provider after the swap.
+
+        ``client_status`` alone proves nothing at first: it still reports the old
+        client's last poll. Evidence is the service's ``ready`` probe, which the
+        guard runs and reports as ``ready``; without a probe, ``client_status``
+        online once ``offline_detection`` has passed since the guard started the
+        new client (so the old client's polls have aged out). Until then the
+        window stays open: a new client that never reaches the provider must not
+        have its tunnel cut."""
+        if self.plan.service.get("ready"):
+            self._await_ready()
+        else:
+            self._await_fresh_online()
+
+    def _await_ready(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
+        while self._guard_state() != "ready":
+            self._wait(deadline, GUARD_POLL, "ready (the service's ready probe never passed)")
+
+    def _await_fresh_online(self) -> None:
+        deadline = self.clock.now() + self.plan.online_timeout
+        while self._guard_state() not in ("started", "ready"):
+            self._wait(deadline, GUARD_POLL, "started by the guard")
+        aged = self.clock.now() + self.ctx.inventory.provider.offline_detection
+        deadline = max(deadline, aged + self.plan.online_timeout)
         first, factor, cap = STATUS_BACKOFF
         delay = first
         while True:
-            self._check_abort()
-            if self._guard_state() in ("started", "first_life"):
-                if self.api.client_status(self.host):
-                    return
-                self._wait(deadline, delay, "online")
-                delay = min(delay * factor, cap)
-            else:
-                self._wait(deadline, GUARD_POLL, "started by the guard")
+            if self.clock.now() < aged:
+                self._guard_state()  # a new client that dies meanwhile is reverted
+                self._wait(deadline, min(EVIDENCE_POLL, aged - self.clock.now()), "online")
+                continue
+            if self.api.client_status(self.host):
+                return
+            self._guard_state()
+            self._wait(deadline, delay, "online")
+            delay = min(delay * factor, cap)
 
     def _wait(self, deadline: float, delay: float, what: str) -> None:
         if self.clock.now() + delay > deadline:
@@ -371,7 +473,7 @@ class HostRun:
 
     def _close_window(self) -> None:
         self._shut_window()
-        self.remote.run(sh("touch", self.paths.control("firstlife")))
+        self._on_host(sh("touch", self.paths.control("firstlife")))
 
     def _shut_window(self) -> None:
         self.api.set_allow_clientless(self.host, False, retry=HARD_RETRY)
@@ -385,14 +487,14 @@ class HostRun:
         while (left := end - self.clock.now()) > 0:
             self._check_abort()
             state = self._guard_state()
-            if state not in ("started", "first_life"):
+            if state not in WATCHING_STATES:
                 raise GuardError(
                     f"the guard stopped watching (state {state!r})", host=self.host.name
                 )
             self.clock.sleep(min(SOAK_POLL, left), self.abort)
         self._check_abort()
         if self.plan.health:
-            res = self.remote.run(self.plan.health, check=False)
+            res = self._on_host(self.plan.health, check=False)
             if not res.ok:
                 raise VerifyError(
                     f"health command failed (exit {res.exit_status}): "
@@ -410,7 +512,7 @@ class HostRun:
 
     def _commit(self) -> None:
         self._note(commit_requested=True)
-        self.remote.run(sh("touch", self.paths.control("commit")))
+        self._on_host(sh("touch", self.paths.control("commit")))
         end = self.clock.now() + COMMIT_WAIT
         while self.clock.now() < end:
             state = self._guard_last().get("state")
@@ -427,8 +529,18 @@ class HostRun:
 
     # -- the guard's status -----------------------------------------------------------
 
+    def _guard_lines(self) -> list[dict[str, Any]]:
+        """The guard's status lines; during the swap a lost session is regained once."""
+        try:
+            return read_guard_status(self.remote, self.paths)
+        except SshSessionLost:
+            if self.unwinding or self.step_name not in SWAP_STEPS:
+                raise
+            self._regain()
+            return read_guard_status(self.remote, self.paths)
+
     def _guard_last(self) -> dict[str, Any]:
-        lines = read_guard_status(self.remote, self.paths)
+        lines = self._guard_lines()
         return lines[-1] if lines else {}
 
     def _guard_state(self) -> str:
@@ -446,6 +558,7 @@ class HostRun:
     # -- unwinding ----------------------------------------------------------------------
 
     def _unwind(self) -> Outcome:
+        self.unwinding = True
         if self.committed:
             return Outcome.UPGRADED
         if not self.swap_started:
@@ -480,7 +593,7 @@ class HostRun:
 
     def _disarm(self) -> None:
         """Stop an armed guard before the lock goes: it must not act on a later run."""
-        lines = read_guard_status(self.remote, self.paths)
+        lines = self._guard_lines()
         if lines and lines[-1].get("state") in FINAL_GUARD_STATES:
             return
         if not lines or not self._guard_alive(lines[0].get("pid")):
@@ -499,7 +612,7 @@ class HostRun:
             if not self._ssh_alive():
                 self._shut_window_quietly()
                 self._reattach()
-            lines = read_guard_status(self.remote, self.paths)
+            lines = self._guard_lines()
             state = lines[-1].get("state", "") if lines else ""
             if state == "committed":
                 self.committed = True
@@ -557,7 +670,8 @@ class HostRun:
             self._relaunch_guard()
         else:
             self.remote.run(sh("touch", self.paths.control("revert")))
-        end = self.clock.now() + REVERT_WAIT
+        evidence = revert_online_wait(self.ctx.inventory.provider.offline_detection)
+        end = self.clock.now() + REVERT_WAIT + evidence
         while self.clock.now() < end:
             state = self._guard_last().get("state", "")
             if state in FINAL_GUARD_STATES:
@@ -568,7 +682,9 @@ class HostRun:
     def _relaunch_guard(self) -> None:
         p = self.paths
         backup = self.backup_path or p.backup_for(self.old_sha, self.clock.wall())
-        guard = render_guard(guard_config(self.plan, self.ctx.inventory, backup))
+        guard = render_guard(
+            guard_config(self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened)
+        )
         self.remote.run(f"umask 077 && mkdir -p {sh(p.run_dir)}")
         self.remote.write_file(p.guard, guard)
         self.remote.run(
@@ -629,6 +745,7 @@ class HostRun:
     # -- cleanup -------------------------------------------------------------------------------
 
     def _cleanup(self, outcome: Outcome) -> Outcome:
+        self.unwinding = True
         t0 = self.clock.now()
         self.ctx.events.step_started(self.host.name, "cleanup")
         status = "ok"

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployer.errors import ApiError, RemoteCommandError, SshConnectError
+from deployer.errors import (
+    ApiError,
+    RemoteCommandError,
+    SshConnectError,
+    SshSessionLost,
+    TunnelNotUp,
+)
 from deployer.events import EventSink
 from deployer.pids import pid_alive
 from deployer.remote import CommandResult
@@ -39,7 +45,8 @@ PYTHON = sys.executable
 # --- the client program -----------------------------------------------------------
 
 # A jinja2 template (SPEC 3) of a pidfile-kind client. Vars: release, fail
-# ("" | "crash" | "die-after"), die_after (seconds).
+# ("" | "crash" | "die-after" | "silent"), die_after (seconds), poll_file (rewritten
+# every loop unless silent, as the shipped client's good-poll file after each poll).
 CLIENT_TEMPLATE = """\
 # test client, release {{ release }}
 import signal
@@ -48,6 +55,7 @@ import time
 
 FAIL = "{{ fail }}"
 DIE_AFTER = float("{{ die_after }}")
+POLL_FILE = "{{ poll_file | default('') }}"
 
 
 def stop(signum, frame):
@@ -61,16 +69,21 @@ start = time.time()
 while True:
     if FAIL == "die-after" and time.time() - start > DIE_AFTER:
         sys.exit(4)
+    if POLL_FILE and FAIL != "silent":
+        with open(POLL_FILE, "w") as fh:
+            fh.write("polled\\n")
     time.sleep(0.05)
 """
 
 
-def client_source(release: str = "1", fail: str = "", die_after: str = "1") -> bytes:
+def client_source(
+    release: str = "1", fail: str = "", die_after: str = "1", poll_file: str = ""
+) -> bytes:
     """The client program as :data:`CLIENT_TEMPLATE` renders it."""
     import jinja2
 
     text = jinja2.Template(CLIENT_TEMPLATE, keep_trailing_newline=True).render(
-        release=release, fail=fail, die_after=die_after
+        release=release, fail=fail, die_after=die_after, poll_file=poll_file
     )
     return text.encode("utf-8")
 
@@ -170,7 +183,7 @@ class LocalRemote:
 
     def _alive(self, what: str) -> None:
         if self.lost:
-            raise SshConnectError(f"SSH session lost (simulated) during {what}", host=self.name)
+            raise SshSessionLost(f"SSH session lost (simulated) during {what}", host=self.name)
         if self.closed:
             raise SshConnectError("SSH session is not open", host=self.name)
 
@@ -229,13 +242,16 @@ class RemoteFactory:
     """A RunContext.remote_factory that hands out fresh LocalRemotes and keeps them."""
 
     made: list[LocalRemote] = field(default_factory=list)
-    refuse: int = 0  # how many next calls raise SshConnectError (host unreachable)
+    refuse: int = 0  # how many next calls raise TunnelNotUp (no tunnel yet)
+    lose_first_after: Callable[[str], bool] | None = None  # the first session dies after…
 
     def __call__(self, host: Any) -> LocalRemote:
         if self.refuse > 0:
             self.refuse -= 1
-            raise SshConnectError("SSH connect refused (simulated)", host=host.name, step="ssh")
+            raise TunnelNotUp("SSH connect refused (simulated)", host=host.name, step="ssh")
         remote = LocalRemote(host.name)
+        if not self.made:
+            remote.lose_after = self.lose_first_after
         self.made.append(remote)
         return remote
 

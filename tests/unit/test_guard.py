@@ -415,3 +415,154 @@ def test_a_deployer_that_keeps_reading_is_not_silent(host):
     host.touch("commit")
     host.wait_state("committed")
     assert host.script.read_bytes() == NEW
+
+
+# --- evidence of first life: the ready probe (SPEC 4 step 9) ---------------------------
+
+PROBE = 'test -n "$(find {poll} -newer "$DEPLOYER_SWAP_MARK" 2>/dev/null)"'
+
+
+def probe_for(host: Host) -> str:
+    import shlex
+
+    return PROBE.format(poll=shlex.quote(str(host.root / "client.py.poll")))
+
+
+def test_ready_comes_from_the_new_client_not_the_old_clients_last_polls(host):
+    """The old client polled right up to its stop; only a poll by the NEW client,
+    after the swap mark, may count as its first life."""
+    poll = str(host.root / "client.py.poll")
+    host.install_old(client_source("old", poll_file=poll))
+    wait_for(lambda: os.path.exists(poll))
+    host.start_guard(new=client_source("new", fail="silent", poll_file=poll), ready=probe_for(host))
+    host.wait_state("started")
+    time.sleep(1.0)
+    assert "ready" not in host.states()  # the poll file is the old client's, older than the mark
+    host.touch("revert")
+    host.wait_state("reverted")
+
+
+def test_ready_is_reported_once_the_new_client_polls(host):
+    poll = str(host.root / "client.py.poll")
+    host.install_old(client_source("old", poll_file=poll))
+    host.start_guard(new=client_source("new", poll_file=poll), ready=probe_for(host))
+    ready = host.wait_state("ready")
+    assert ready["after"] >= 0
+    states = host.states()
+    assert states.index("started") < states.index("ready")
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+def test_the_probe_sees_the_swap_mark_and_time(host):
+    seen = host.root / "probe-env"
+    probe = f'env | grep ^DEPLOYER_SWAP_ > {seen} && test -f "$DEPLOYER_SWAP_MARK"'
+    host.install_old()
+    host.start_guard(ready=probe)
+    host.wait_state("ready")
+    env = dict(line.split("=", 1) for line in seen.read_text().split())
+    assert env["DEPLOYER_SWAP_MARK"] == str(host.run_dir / "swap-mark")
+    assert abs(float(env["DEPLOYER_SWAP_TIME"]) - time.time()) < 30
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+# --- the revert keeps the window open until the old client polls again -------------------
+
+
+def test_after_a_revert_the_window_stays_open_until_the_restored_client_polls(host, provider):
+    """client_status still says online from the failed client's last polls: without
+    a probe the guard waits out the offline detection before it closes the window."""
+    host.install_old()
+    open_window(provider)
+    host.start_guard(
+        new=client_source("new", fail="crash"), api=provider.api_config(), offline_detection=1.5
+    )
+    restored = host.wait_state("restored")
+    reverted = host.wait_state("reverted")
+    assert reverted["window_closed"] is True
+    closed_at = provider.api.exposures[-1][1]
+    assert closed_at - restored["t"] >= 1.4
+
+
+def test_after_a_revert_a_passing_probe_closes_the_window_without_waiting(host, provider):
+    poll = str(host.root / "client.py.poll")
+    host.install_old(client_source("old", poll_file=poll))
+    open_window(provider)
+    host.start_guard(
+        new=client_source("new", fail="crash"),
+        api=provider.api_config(),
+        offline_detection=30.0,
+        ready=probe_for(host),
+    )
+    reverted = host.wait_state("reverted", timeout=8.0)
+    assert reverted["ok"] is True and reverted["window_closed"] is True
+
+
+# --- a vanished deployer: silence from go, the monotonic clock, disconnect ----------------
+
+
+def test_silence_counts_from_go_even_if_deployer_never_read_the_status(host):
+    """A deployer killed right after `touch go` never touches alive: the guard must
+    not keep the window open for its whole deadline."""
+    host.install_old()
+    host.start_guard(deadline=60.0, silence_limit=1.0)
+    reverting = host.wait_state("reverting", timeout=8.0)
+    assert reverting["reason"] == "deployer went silent before the commit"
+
+
+def test_a_deployer_touching_alive_with_a_clock_far_behind_is_not_silent(host):
+    """The host's wall clock stepped back an hour (NTP on a board without RTC):
+    alive's mtime is an hour old each time, but it changes, so deployer is alive."""
+    host.install_old()
+    host.start_guard(deadline=60.0, silence_limit=1.0)
+    host.wait_state("started")
+    alive = host.run_dir / "alive"
+    end = time.monotonic() + 2.5
+    stamp = time.time() - 3600
+    while time.monotonic() < end:
+        alive.touch()
+        stamp += 0.2
+        os.utime(alive, (stamp, stamp))
+        time.sleep(0.2)
+    assert "reverting" not in host.states()
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+def test_a_vanished_deployer_that_opened_the_tunnel_gets_it_disconnected(host, provider):
+    host.install_old()
+    open_window(provider)
+    host.start_guard(
+        deadline=60.0, silence_limit=1.0, api=provider.api_config(), tunnel_opened=True
+    )
+    reverted = host.wait_state("reverted", timeout=10.0)
+    assert reverted["disconnected"] is True
+    assert provider.api.count("disconnect") == 1
+    assert not provider.api.window_open
+
+
+def test_a_tunnel_deployer_did_not_open_is_left_alone(host, provider):
+    host.install_old()
+    open_window(provider)
+    host.start_guard(deadline=60.0, silence_limit=1.0, api=provider.api_config())
+    host.wait_state("reverted", timeout=10.0)
+    assert provider.api.count("disconnect") == 0
+
+
+def test_a_revert_deployer_asked_for_leaves_the_tunnel_to_deployer(host, provider):
+    host.install_old()
+    open_window(provider)
+    host.start_guard(api=provider.api_config(), tunnel_opened=True)
+    host.wait_state("started")
+    host.touch("revert")
+    host.wait_state("reverted")
+    assert provider.api.count("disconnect") == 0
+
+
+def test_an_armed_guard_of_a_vanished_deployer_disconnects_too(host, provider):
+    host.install_old()
+    open_window(provider)
+    host.start_guard(go=False, go_deadline=0.3, api=provider.api_config(), tunnel_opened=True)
+    aborted = host.wait_state("aborted")
+    assert aborted["disconnected"] is True and provider.api.count("disconnect") == 1

@@ -113,7 +113,8 @@ def test_explicit_guard_deadline_is_kept_but_never_below_online_plus_stable(tmp_
 def test_plan_uses_the_overridden_timings(tmp_path):
     inv = inventory(tmp_path)
     p = plan_host(inv, inv.hosts["pi-01"], "R", online_timeout=3.0, stable_for=0.5)
-    assert (p.online_timeout, p.stable_for, p.guard_deadline) == (3.0, 0.5, 63.5)
+    # without a ready probe the deadline also holds the offline detection (30 s)
+    assert (p.online_timeout, p.stable_for, p.guard_deadline) == (3.0, 0.5, 93.5)
 
 
 # --- rendering -----------------------------------------------------------------------
@@ -149,12 +150,13 @@ def test_pidfile_service_is_rendered(tmp_path):
         "pidfile": "/run/pi-01.pid",
         "run": "python3 '/opt/a b/client.py'",
         "log": "/opt/a b/.client.py.deployer/client.log",
+        "ready": "",
     }
 
 
 def test_systemd_unit_is_quoted(tmp_path):
     _, p = plan(tmp_path, service='kind = "systemd"\nunit = "my unit; touch x"')
-    assert p.service == {"kind": "systemd", "unit_q": "'my unit; touch x'"}
+    assert p.service == {"kind": "systemd", "unit_q": "'my unit; touch x'", "ready": ""}
 
 
 def test_rollback_plan_renders_no_script(tmp_path):
@@ -203,11 +205,19 @@ def test_guard_config(tmp_path):
     assert cfg["staged_path"] == p.paths.staged
     assert cfg["backup_path"] == "/opt/sshreach/.client.py.deployer/backups/b1"
     assert cfg["service"] == p.service
-    assert cfg["deadline"] == p.guard_deadline == 210.0
+    assert cfg["deadline"] == p.guard_deadline == 240.0  # 120 + 30 (offline detection) + 30 + 60
     # after first life: stable_for + margin + room for two retried API timeouts
     assert cfg["soak_deadline"] == 30.0 + SOAK_MARGIN + 2 * 7.0
     assert cfg["soak_deadline"] < cfg["deadline"]
-    assert cfg["go_deadline"] == min(210.0, GO_DEADLINE)
+    assert cfg["go_deadline"] == min(240.0, GO_DEADLINE)
+    # SPEC 4 steps 9 and the guard paragraph: evidence, and the tunnel deployer opened
+    assert cfg["ready"] == ""
+    assert cfg["offline_detection"] == 30.0
+    assert cfg["revert_online_wait"] == 2 * 30.0 + 10.0
+    assert cfg["tunnel_opened"] is False
+    assert guard_config(p, inv, "/b", tunnel_opened=True)["tunnel_opened"] is True
+    # reaching the host again after the swap must not read as a vanished deployer
+    assert cfg["silence_limit"] >= inv.provider.tunnel_timeout + 15.0
     assert cfg["api"] == {
         "url": "https://sshreach.example/init/api/{call}",
         "timeout": 7.0,
@@ -277,6 +287,34 @@ def test_guard_is_stdlib_only():
 def test_credentials_in_plan_are_secrets(tmp_path):
     inv, p = plan(tmp_path)
     assert isinstance(p.host.dbid, Secret) and isinstance(inv.provider.user_id, Secret)
+
+
+READY = 'test -n "$(find {{ script_path | quote }}.poll -newer "$DEPLOYER_SWAP_MARK")"'
+
+
+def test_ready_probe_is_rendered_for_the_guard(tmp_path):
+    _, p = plan(
+        tmp_path,
+        script="/opt/a b/client.py",
+        service=PIDFILE_SERVICE + f"ready = {json.dumps(READY)}\n",
+    )
+    assert p.service["ready"] == (
+        'test -n "$(find \'/opt/a b/client.py\'.poll -newer "$DEPLOYER_SWAP_MARK")"'
+    )
+
+
+def test_a_ready_probe_spares_the_guard_deadline_the_offline_detection(tmp_path):
+    without = plan(tmp_path)[1]
+    with_probe = plan(tmp_path, service=PIDFILE_SERVICE + f"ready = {json.dumps(READY)}\n")[1]
+    assert with_probe.guard_deadline == 120.0 + 30.0 + 60.0
+    assert without.guard_deadline == 120.0 + 30.0 + 30.0 + 60.0
+
+
+def test_a_bad_ready_probe_is_a_plan_error(tmp_path):
+    from deployer.errors import TemplateError
+
+    with pytest.raises(TemplateError, match="ready"):
+        plan(tmp_path, service=PIDFILE_SERVICE + 'ready = "{{ nope }}"\n')
 
 
 def test_go_deadline_never_exceeds_the_guard_deadline(tmp_path):

@@ -49,6 +49,7 @@ INVENTORY = """\
 api_url = "http://127.0.0.1:9/api/{{call}}"
 ssh_host = "127.0.0.1"
 user_id = "USERID-SECRET-1111"
+offline_detection = 0.3
 
 [defaults]
 template = "client.py.j2"
@@ -65,6 +66,7 @@ vars = {{ release = "1", fail = "", die_after = "1" }}
 kind = "pidfile"
 pidfile = {pidfile}
 run = {run}
+ready = {ready}
 
 [hosts.pi-01]
 dbid = "DBID-SECRET-2222"
@@ -91,6 +93,7 @@ class Site:
         validate: str = PY_COMPILE,
         where: str = "opt",
         health: str = "",
+        ready: str = "",
     ):
         self.root = root
         self.script = root / where / "client.py"
@@ -104,6 +107,7 @@ class Site:
                 keep=keep,
                 validate=toml_str(validate),
                 health=toml_str(health),
+                ready=toml_str(ready),
                 pidfile=toml_str(self.pidfile),
                 run=toml_str(PYTHON + " {{ script_path | quote }}"),
             )
@@ -350,7 +354,7 @@ def test_lost_ssh_during_the_soak_reattaches_and_rolls_back(site):
     assert len(site.factory.made) == 2  # a new session after the loss
     assert site.api.count("connect") == 2
     assert res.result is Outcome.ROLLED_BACK, res.error
-    assert res.error.type in ("SshConnectError",)
+    assert res.error.type == "SshSessionLost"
     assert site.script.read_bytes() == site.old
     assert pidfile_alive(site.pidfile)
     assert_window_closed(site.api)
@@ -460,18 +464,66 @@ def test_abort_after_the_window_opened_disarms_the_guard(site):
     assert site.runs() == [] and not (site.base / "lock").exists()
 
 
-def test_lost_ssh_during_first_life_reattaches_and_rolls_back(site):
+def test_lost_ssh_during_first_life_is_regained_and_the_upgrade_finishes(site):
+    """The old client's stop may end the tunnel deployer's session rides on
+    (systemd's default KillMode): deployer reaches the host again through the new
+    client's tunnel, without another connect, and finishes (SPEC 1b)."""
+
     def lose_session():
         site.factory.current.lost = True
 
     site.events.hooks["first_life"] = lose_session
     res = site.run(release="2")
-    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert res.result is Outcome.UPGRADED, res.error
     assert len(site.factory.made) == 2
-    assert site.script.read_bytes() == site.old
+    assert site.api.count("connect") == 1
+    assert site.script.read_bytes() == client_source("2")
     assert pidfile_alive(site.pidfile)
     assert_window_closed(site.api)
     assert not (site.base / "lock").exists()
+    assert any("SSH session lost at the swap" in m for m in site.events.messages)
+
+
+def test_a_session_lost_at_go_is_regained(site):
+    """The stop may end the session before `touch go` even returns its status."""
+    site.factory.lose_first_after = lambda command: command.endswith("/go")
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert len(site.factory.made) == 2
+
+
+def test_a_session_lost_after_the_window_closed_rolls_back(site):
+    """With the window closed, a lost session means the new client's tunnel was cut."""
+    site.factory.lose_first_after = lambda command: command.endswith("/firstlife")
+    res = site.run(release="2")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert site.script.read_bytes() == site.old
+    assert_window_closed(site.api)
+
+
+def test_a_tunnel_that_comes_up_late_is_waited_for(site):
+    """connect takes effect at the client's next poll: refused at first, then up."""
+    site.factory.refuse = 3
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert len(site.factory.made) == 1
+
+
+def test_a_tunnel_that_never_comes_up_fails_before_anything_is_touched(site):
+    site.factory.refuse = 10_000
+    with_timeout = site.root / "deployer.toml"
+    with_timeout.write_text(
+        with_timeout.read_text().replace(
+            "offline_detection = 0.3", "offline_detection = 0.3\ntunnel_timeout = 1.0"
+        )
+    )
+    res = site.run(release="2")
+    assert res.result is Outcome.FAILED
+    assert res.error.type == "TunnelNotUp"
+    assert "tunnel_timeout (1s)" in res.error.message
+    assert site.api.count("set_allow_clientless") == 0
+    assert site.script.read_bytes() == site.old
+    assert not site.api.tunnel_open  # we connected, so we disconnect
 
 
 def kill_guard_and_reuse_its_pid(site, new_pid: int) -> None:
@@ -557,3 +609,57 @@ def test_a_guard_whose_status_file_is_gone_is_replaced_by_a_reverting_one(site, 
     assert site.factory.current.ran("guard.py --detach --revert")
     assert site.script.read_bytes() == site.old
     assert_window_closed(site.api)
+
+
+# --- first life needs evidence from the NEW client (SPEC 4 step 9) ------------------------
+
+READY = 'test -n "$(find {{ poll_file | quote }} -newer "$DEPLOYER_SWAP_MARK")"'
+
+
+def test_without_a_probe_the_window_outlasts_the_offline_detection(site):
+    """client_status still reports the old client's last poll: "online" proves
+    nothing about the new client until offline_detection has passed."""
+    path = site.root / "deployer.toml"
+    path.write_text(path.read_text().replace("offline_detection = 0.3", "offline_detection = 1.5"))
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    t_open, t_close = site.api.exposures[0]
+    assert t_close - t_open >= 1.5
+
+
+def test_a_ready_probe_closes_the_window_as_soon_as_the_new_client_polled(tmp_path):
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path, ready=READY)
+        path = site.root / "deployer.toml"
+        path.write_text(
+            path.read_text().replace("offline_detection = 0.3", "offline_detection = 30")
+        )
+        poll = str(site.script) + ".poll"
+        res = site.run(release="2", poll_file=poll)
+        assert res.result is Outcome.UPGRADED, res.error
+        t_open, t_close = site.api.exposures[0]
+        assert t_close - t_open < 10  # not the 30 s of the offline detection
+        assert site.api.count("client_status") == 2  # preflight and the soak's end only
+    finally:
+        reaper.kill_all()
+
+
+def test_a_release_that_never_polls_is_rolled_back_with_the_window_open_until_then(tmp_path):
+    """A silent release: the probe never passes; the window stays open until the
+    guard has restored the old client (its tunnel is never cut)."""
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path, ready=READY)
+        poll = str(site.script) + ".poll"
+        res = site.run(release="2", poll_file=poll, fail="silent")
+        assert res.result is Outcome.ROLLED_BACK
+        assert res.error.step == "first_life"
+        assert site.script.read_bytes() == site.old
+        # one window, never closed in between (a close would let the provider cut
+        # the tunnel of a client that has not polled), open through the first life
+        [(t_open, t_close)] = site.api.exposures
+        assert t_close - t_open >= 3.0  # online_timeout
+        assert_window_closed(site.api)
+    finally:
+        reaper.kill_all()
