@@ -3,9 +3,10 @@ script the provider generated for each client (SPEC 1b ``get_client_script``).
 
 The sandbox's simulator serves ``get_client_script`` from ``DIR/provider/
 CLIENT_ID.py`` and writes ``api_key`` and each host's ``client_id`` into
-``DIR/sandbox.json``; the test writes a provider-source inventory beside the
-sandbox's own (same hosts, plus ``source``, ``client_id`` and ``api_key``
-from the environment) and judges by the simulator's ``/sandbox/state``.
+``DIR/sandbox.json`` (and its inventory); the test writes a provider-source
+inventory beside the sandbox's own (same hosts, ``source = "provider"``, the
+``api_key`` from the environment) and judges by the simulator's
+``/sandbox/state``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,20 @@ KEY_ENV = "E2E_SSHREACH_API_KEY"
 
 
 def provider_inventory(sb: Sandbox) -> Path:
-    """DIR/provider.toml: the sandbox inventory with every host on source = "provider"."""
+    """DIR/provider.toml: the sandbox inventory with every host on source = "provider"
+    and the api_key taken from the environment (so a test can pass a wrong one)."""
     doc = sb.document
     text = sb.inventory.read_text()
-    text = text.replace("[provider]\n", f'[provider]\napi_key = "${{{KEY_ENV}}}"\n', 1)
+    key_line = f'api_key = "${{{KEY_ENV}}}"\n'
+    text, found = re.subn(r"(?m)^api_key = .*\n", lambda m: key_line, text, count=1)
+    if not found:
+        text = text.replace("[provider]\n", "[provider]\n" + key_line, 1)
     text = text.replace("[defaults]\n", '[defaults]\nsource = "provider"\n', 1)
     for name, host in doc["hosts"].items():
         header = f"[hosts.{name}]\n"
         assert header in text, header
-        text = text.replace(header, f'{header}client_id = "{host["client_id"]}"\n', 1)
+        if f'client_id = "{host["client_id"]}"' not in text:
+            text = text.replace(header, f'{header}client_id = "{host["client_id"]}"\n', 1)
     path = sb.dir / "provider.toml"
     path.write_text(text)
     path.chmod(0o600)
