@@ -6,7 +6,11 @@ settings (defaults < groups in the host's listed order < host < ``--var``) and
 returns the frozen :class:`~deployer.model.Inventory`. Every problem is an
 :class:`~deployer.errors.InventoryError` of one line: the file, the line where
 it can be found, the table and key, what is wrong and the fix. Credential values
-(``user_id``, ``dbid``, ``host_uuid``) never appear in a message.
+(:data:`SECRET_KEYS`) never appear in a message.
+
+Like OpenSSH with a private key, the loader refuses a file that holds a
+credential as a literal value (not ``${ENV}``) while group or others may read
+it, and names the ``chmod 600`` that fixes it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import difflib
 import fnmatch
 import os
 import re
+import shlex
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from urllib.parse import urlparse
 
 from deployer.errors import InventoryError, UsageError
 from deployer.model import HostConfig, Inventory, ProviderConfig, ServiceConfig
+from deployer.result import readable_by
 from deployer.secrets import Secret, scrub
 
 if sys.version_info >= (3, 11):
@@ -97,6 +104,8 @@ SERVICE_REQUIRED: dict[str, tuple[str, ...]] = {
 }
 HOST_KEY_POLICIES = ("strict", "accept-new")
 SOURCES = ("template", "provider")  # where a host's script comes from (deployer.source)
+# Credential keys, wherever they stand: masked in messages, and a literal one
+# (not ${ENV}) makes the file private (see _check_private).
 SECRET_KEYS = frozenset({"user_id", "dbid", "host_uuid", "api_key", "client_id"})
 RESERVED_TARGETS = frozenset({"all"})
 
@@ -106,6 +115,7 @@ MODE_RE = re.compile(r"^0?[0-7]{3}$")
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 ENV_ESCAPE = "$${"
+ENV_ONLY_RE = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|\s)+")  # fullmatch: no literal part
 GLOB_CHARS = frozenset("*?[")
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 TYPE_NAMES.update({dict: "a table", list: "an array"})
@@ -243,6 +253,39 @@ def _parse(path: Path, text: str) -> dict[str, Any]:
         raise InventoryError(
             f"{where}: TOML syntax error: {problem}{column}; fix the syntax at that line"
         ) from None
+
+
+def _check_private(raw: dict[str, Any], source: _Source) -> None:
+    """Refuse a file that holds a literal credential and that group or others may read.
+
+    As OpenSSH does with a private key: the fix is ``chmod 600``, or ``${NAME}``
+    for every credential. The message names the key and its line, never the value.
+    """
+    found = next(_literal_credentials(raw), None)
+    if found is None or os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(source.path.stat().st_mode)
+    except OSError:  # just read it: gone meanwhile, nothing to protect
+        return
+    readers = readable_by(mode)
+    if readers:
+        raise source.error(
+            found,
+            f"a literal credential in a file that {readers} can read (mode {mode:04o})",
+            f"chmod 600 {shlex.quote(str(source.path))} "
+            "(or write every credential as ${NAME} and set NAME in the environment)",
+        )
+
+
+def _literal_credentials(table: dict[str, Any], key: KeyPath = ()) -> Iterable[KeyPath]:
+    """The key paths of credentials written as literal values, not ``${ENV}``."""
+    for name, value in table.items():
+        if isinstance(value, dict):
+            yield from _literal_credentials(value, (*key, name))
+        elif name in SECRET_KEYS and isinstance(value, str) and value.strip():
+            if not ENV_ONLY_RE.fullmatch(value):
+                yield (*key, name)
 
 
 def _interpolate(value: Any, key: KeyPath, env: Mapping[str, str], source: _Source) -> Any:
@@ -614,6 +657,7 @@ def load_inventory(
     source = _Source(path, _Locator(text), set())
     raw = _parse(path, text)
     source.secrets.update(_raw_secrets(raw))
+    _check_private(raw, source)
     doc = _interpolate(raw, (), os.environ if env is None else env, source)
     source.secrets.update(_raw_secrets(doc))
     for name in doc:

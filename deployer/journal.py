@@ -12,6 +12,12 @@ so several processes and several threads can write at once. Within one
 process the threads share one connection behind a lock; between processes
 SQLite's file locks and ``busy_timeout`` serialize the writers.
 
+The state dir is created 0700 and the journal files are 0600 (SQLite gives its
+``-wal`` and ``-shm`` files the database file's mode): the journal holds no
+credential, but it maps the fleet. A state dir or journal file found with a
+looser mode is tightened, with a log line; a state dir that holds anything but
+the journal (``--state-dir .``, a shared directory) is only reported.
+
 Nothing secret is ever stored: callers pass host names, remote paths, step
 names, statuses, times, sha256s, booleans and already-masked error messages,
 and every text value is scrubbed once more of the secrets the journal was
@@ -21,9 +27,11 @@ given (defence in depth).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,9 +47,14 @@ from deployer.pids import pid_alive
 from deployer.result import HostResult, iso
 from deployer.secrets import scrub
 
+log = logging.getLogger("deployer.journal")
+
 JOURNAL_FILENAME = "journal.sqlite3"
+# what a state dir of deployer's own holds: the database and SQLite's side files
+JOURNAL_FILES = frozenset(JOURNAL_FILENAME + end for end in ("", "-wal", "-shm", "-journal"))
 STATE_DIR_MODE = 0o700
 JOURNAL_FILE_MODE = 0o600
+OTHERS_BITS = 0o077  # any access for group or others: tightened
 BUSY_TIMEOUT_MS = 10_000
 OPEN_RETRY_DELAY = 0.01  # first wait when opening meets another process's lock
 OPEN_RETRY_DELAY_CAP = 0.5
@@ -277,12 +290,55 @@ class Journal:
         try:
             self.state_dir.mkdir(parents=True, mode=STATE_DIR_MODE)
         except FileExistsError:
-            pass  # ours from before, the user's, or another process's just now
+            self._tighten_state_dir()  # ours from before, the user's, or another process's
         else:
             os.chmod(self.state_dir, STATE_DIR_MODE)  # mkdir's mode is cut by the umask
         if not self.path.exists():
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, JOURNAL_FILE_MODE)
             os.close(fd)
+        self._tighten_journal_files()
+
+    def _tighten_state_dir(self) -> None:
+        """Make an existing state dir 0700 if it is deployer's own (yours, not a
+        shared sticky directory, nothing in it but the journal); else only say so."""
+        info = self.state_dir.stat()
+        mode = stat.S_IMODE(info.st_mode)
+        if not mode & OTHERS_BITS:
+            return
+        names = set(os.listdir(self.state_dir))
+        if info.st_uid != os.geteuid() or mode & stat.S_ISVTX or not names <= JOURNAL_FILES:
+            log.warning(
+                "state dir %s is mode %04o and holds more than the journal: left as it is; "
+                "pass --state-dir DIR to keep the journal in a directory of its own",
+                self.state_dir,
+                mode,
+            )
+            return
+        os.chmod(self.state_dir, STATE_DIR_MODE)
+        log.warning(
+            "state dir %s was mode %04o: made it %04o (the journal maps your fleet)",
+            self.state_dir,
+            mode,
+            STATE_DIR_MODE,
+        )
+
+    def _tighten_journal_files(self) -> None:
+        for name in sorted(JOURNAL_FILES):
+            path = self.state_dir / name
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            mode = stat.S_IMODE(info.st_mode)
+            if not stat.S_ISREG(info.st_mode) or not mode & OTHERS_BITS:
+                continue
+            if info.st_uid != os.geteuid():
+                log.warning("journal file %s is mode %04o and not yours: left as it is", path, mode)
+                continue
+            os.chmod(path, JOURNAL_FILE_MODE)
+            log.warning(
+                "journal file %s was mode %04o: made it %04o", path, mode, JOURNAL_FILE_MODE
+            )
 
     def _error(self, what: str, exc: BaseException) -> JournalError:
         reason = scrub(str(exc) or type(exc).__name__, self._secrets)

@@ -3,7 +3,8 @@
 
 Reports are built only from result values, which hold no credentials; every
 renderer also takes ``secrets`` (raw values, e.g. ``Inventory.secret_values()``)
-and scrubs them as a second line of defence.
+and scrubs them as a second line of defence. Report files are written owner-only
+(``REPORT_FILE_MODE``): they hold no credential, but they map the fleet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deployer.secrets import scrub
 JUNIT_FAILURES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
 TABLE_COLUMNS = ("HOST", "RESULT", "EXPOSURE s", "API CALLS", "DURATION s", "ERROR")
 MAX_ERROR_WIDTH = 80
+REPORT_FILE_MODE = 0o600
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -210,7 +212,7 @@ def _write_text(text: str, target: str | os.PathLike | IO[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)  # a report, not a secret: CI uploads it as an artifact
+        os.chmod(tmp, REPORT_FILE_MODE)  # no credential, but a map of the fleet
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -32,6 +32,21 @@ SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANN
 OUTCOME_ORDER = [o.value for o in Outcome]
 
 
+def readable_by(mode: int | str | None) -> str | None:
+    """Who besides the owner may read a file of this mode (an int, or an octal
+    string like ``"0755"``): ``"group"``, ``"others"``, ``"group and others"``;
+    None for an owner-only file or an unknown mode."""
+    if isinstance(mode, str):
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            return None
+    if mode is None:
+        return None
+    readers = [who for who, bit in (("group", 0o040), ("others", 0o004)) if mode & bit]
+    return " and ".join(readers) or None
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

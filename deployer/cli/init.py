@@ -6,11 +6,14 @@ Both files are copied verbatim from the package data ``deployer.templates``
 deployer needs nothing from the source tree. The starter is not rendered:
 its ``{{ ... }}`` are deployer's own command templates.
 An existing file is never overwritten: init checks every target first and
-writes nothing if one exists.
+writes nothing if one exists. Files are written owner-only (0600) and the
+directories init creates are 0700: an inventory may come to hold literal
+credentials, and deployer refuses one that others can read.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import click
 STARTER_TEMPLATE = ("client.py.j2", "templates/client.py.j2")
 STARTER_INVENTORY = "starter.toml.j2"
 STARTER_ENV = ("SSHREACH_USER_ID", "PI01_DBID", "PI01_HOST_UUID")
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def starter_text(resource: str) -> str:
@@ -46,11 +51,27 @@ def write_starter(inventory: Path) -> list[Path]:
             )
     written = []
     for resource, path in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "x", encoding="utf-8") as handle:  # "x": never clobber
-            handle.write(starter_text(resource))
+        _make_dirs(path.parent)
+        _write_private(path, starter_text(resource))
         written.append(path)
     return written
+
+
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700; existing ones stay as they are."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    path.mkdir(mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is cut by the umask, never widened: be exact
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a new file with mode 0600 (``O_EXCL``: never clobber)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        handle.write(text)
 
 
 @click.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import stat
 import sys
 from importlib.resources import files
 
@@ -104,6 +105,29 @@ def test_starter_values_are_the_builtin_defaults(tmp_path):
         }
     )
     assert drift == {}
+
+
+def test_init_writes_owner_only_files_and_dirs(tmp_path, open_umask):
+    """The inventory may come to hold literal credentials: it starts private."""
+    project = tmp_path / "project"
+    project.mkdir(mode=0o755)
+    assert run_init(project, "-i", "fleet/prod.toml")[0] == 0
+
+    def mode(path):
+        return stat.S_IMODE((project / path).stat().st_mode)
+
+    assert mode("fleet/prod.toml") == 0o600
+    assert mode("fleet/templates/client.py.j2") == 0o600
+    assert (mode("fleet"), mode("fleet/templates")) == (0o700, 0o700)
+    assert mode(".") == 0o755  # a directory that was there is left as it is
+
+
+def test_the_starter_inventory_loads_after_the_user_writes_a_literal_credential(tmp_path):
+    """init's 0600 is what lets an edited starter with literal ids load at all."""
+    run_init(tmp_path)
+    path = tmp_path / "deployer.toml"
+    path.write_text(path.read_text().replace('"${PI01_DBID}"', '"dbid-5b81d0aa"'))
+    assert load_inventory(path, env=ENV).hosts["pi-01"].dbid.reveal() == "dbid-5b81d0aa"
 
 
 def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path):

@@ -120,6 +120,7 @@ def inventory(tmp_path, server, monkeypatch):
     )
     path = tmp_path / "deployer.toml"
     path.write_text(INVENTORY.format(api_url=server.url_for("/api/{call}"), hosts=hosts))
+    path.chmod(0o600)  # it holds literal credentials: private, or deployer refuses it
     return str(path)
 
 

@@ -70,6 +70,7 @@ def with_failing_hosts(sb: Sandbox, names: list[str], file_name: str) -> Path:
         text = text.replace(header, header + 'vars = { sandbox_fail = "crash" }\n')
     path = sb.dir / file_name
     path.write_text(text)
+    path.chmod(0o600)  # the sandbox's literal credentials: private, or refused
     assert all(tomllib.loads(text)["hosts"][n]["vars"]["sandbox_fail"] == "crash" for n in names)
     return path
 
@@ -326,6 +327,7 @@ def overload_run(sb: Sandbox):
     assert count == 1
     inventory = sb.dir / "overload.toml"
     inventory.write_text(provider + sep + rest)
+    inventory.chmod(0o600)  # the sandbox's literal credentials: private, or refused
     return storm(sb, inventory, OVERLOAD_SERVER_RATE, "overload", "sbx-0[1-6]")
 
 

@@ -114,6 +114,7 @@ def hostile_inventory(sb: Sandbox, host: str, new_dir: Path) -> Path:
     text += f"\n[hosts.{host}.service]\npidfile = {json.dumps(str(new_dir / 'client.pid'))}\n"
     path = sb.dir / "hostile.toml"
     path.write_text(text)
+    path.chmod(0o600)  # the sandbox's literal credentials: private, or refused
     return path
 
 

@@ -60,6 +60,7 @@ def _inventory_as_user(sb: Sandbox, host: str, sudo: bool) -> Path:
     extra = f'ssh_user = "{USER}"\nsudo = {"true" if sudo else "false"}\n'
     path = sb.dir / ("sudo.toml" if sudo else "nosudo.toml")
     path.write_text(text.replace(header, header + extra, 1))
+    path.chmod(0o600)  # the sandbox's literal credentials: private, or refused
     return path
 
 

@@ -364,6 +364,7 @@ def without_sandbox_url(sb: Sandbox) -> Sandbox:
     text = sb.inventory.read_text()
     broken = sb.dir / "missing-var.toml"
     broken.write_text(text.replace('sandbox_url = "', 'unused_url = "', 1))
+    broken.chmod(0o600)  # the sandbox's literal credentials: private, or refused
     assert broken.read_text() != text
     return Sandbox(sb.dir, broken, sb.info, sb.client)
 

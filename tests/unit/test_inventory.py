@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -65,10 +66,12 @@ groups = ["lab", "edge"]
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "deployer.toml") -> Path:
+def write(tmp_path: Path, text: str, name: str = "deployer.toml", mode: int = 0o600) -> Path:
+    """The inventory file; private by default, since BASE holds literal credentials."""
     shutil.copy(CLIENT_TEMPLATE, tmp_path / "client.py.j2")
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    path.chmod(mode)
     return path
 
 
@@ -469,7 +472,8 @@ def test_documented_example_loads(tmp_path):
     shutil.copy(CLIENT_TEMPLATE, tmp_path / "templates" / "client.py.j2")
     path = tmp_path / "deployer.toml"
     path.write_text(example)
-    env = {"SSHREACH_USER_ID": "u-12345", "PI01_DBID": "d-12345"}
+    env = {"SSHREACH_USER_ID": "u-12345", "PI01_DBID": "d-12345", "PI01_HOST_UUID": "h-1"}
+    path.chmod(0o644)  # its credentials are all ${ENV}: it may be readable
     host = load_inventory(path, env=env).hosts["pi-01"]
     assert (host.vars, host.ssh_port, host.service.unit) == (
         {"region": "eu", "location": "Berlin"},
@@ -496,3 +500,82 @@ def test_error_message_stays_one_line_with_a_newline_in_the_value(tmp_path):
         load(tmp_path, text)
     assert "\n" not in str(caught.value)
     assert "'a\\nb' is not allowed" in str(caught.value)
+
+
+# --- a file with literal credentials must be private (as ssh wants of a key) -----
+
+ALL_ENV = swap('host_uuid = "UUID-SECRET-3333"', 'host_uuid = "${PI01_UUID}"').replace(
+    'dbid = "DBID-SECRET-4444"\nhost_uuid = "UUID-SECRET-5555"',
+    'dbid = "${PI02_DBID}"\nhost_uuid = "${PI02_UUID}"',
+)
+ALL_ENV_VALUES = {**ENV, "PI01_UUID": UUID, "PI02_DBID": "DBID-SECRET-4444"}
+ALL_ENV_VALUES["PI02_UUID"] = "UUID-SECRET-5555"
+
+
+def test_fixture_with_every_credential_from_the_environment():
+    assert "SECRET" not in ALL_ENV  # no literal credential left: the tests below rely on it
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=oct)
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        (BASE, "[hosts.pi-01] host_uuid", 30),
+        (swap('user_id = "${TEST_USER_ID}"', f'user_id = "{USER_ID}"'), "[provider] user_id", 4),
+        (ALL_ENV.replace('"${PI02_DBID}"', '"DBID-SECRET-4444"'), "[hosts.pi-02] dbid", 37),
+        (ALL_ENV.replace('"${PI02_DBID}"', '"x-${PI02_DBID}"'), "[hosts.pi-02] dbid", 37),
+        (
+            ALL_ENV.replace("ssh_host =", 'api_key = "KEY-SECRET-6666"\nssh_host ='),
+            "[provider] api_key",
+            3,
+        ),
+    ],
+    ids=["host_uuid", "user_id", "dbid", "partly-literal", "api_key"],
+)
+def test_a_literal_credential_in_a_file_others_can_read_is_refused(tmp_path, text, key, line, mode):
+    path = write(tmp_path, text, mode=mode)
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(path, env=ALL_ENV_VALUES)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:{line}: {key}: a literal credential"), message
+    assert f"(mode {mode:04o})" in message
+    assert f"chmod 600 {path}" in message
+    assert "\n" not in message and caught.value.exit_code == 2
+    for secret in (*SECRETS, "KEY-SECRET-6666"):
+        assert secret not in message and secret[-4:] + "…" not in message
+    assert os.stat(path).st_mode & 0o777 == mode  # nothing touched: the fix is the user's
+
+
+def test_the_refusal_names_who_can_read(tmp_path):
+    with pytest.raises(InventoryError, match=r"a file that group can read \(mode 0640\)"):
+        load_inventory(write(tmp_path, BASE, mode=0o640), env=ENV)
+    with pytest.raises(InventoryError, match=r"that group and others can read \(mode 0644\)"):
+        load_inventory(write(tmp_path, BASE, mode=0o644), env=ENV)
+
+
+def test_a_literal_credential_is_refused_before_a_missing_env_var(tmp_path):
+    path = write(tmp_path, BASE, mode=0o644)
+    with pytest.raises(InventoryError, match="chmod 600"):
+        load_inventory(path, env={})
+
+
+def test_the_same_file_made_private_loads(tmp_path):
+    path = write(tmp_path, BASE, mode=0o644)
+    with pytest.raises(InventoryError):
+        load_inventory(path, env=ENV)
+    path.chmod(0o600)
+    assert load_inventory(path, env=ENV).hosts["pi-02"].dbid.reveal() == "DBID-SECRET-4444"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600, 0o400], ids=oct)
+def test_credentials_from_the_environment_may_sit_in_a_readable_file(tmp_path, mode):
+    """Literal non-credential keys (ports, paths, vars) do not make a file private."""
+    inventory = load_inventory(write(tmp_path, ALL_ENV, mode=mode), env=ALL_ENV_VALUES)
+    assert inventory.hosts["pi-02"].host_uuid.reveal() == "UUID-SECRET-5555"
+    assert inventory.hosts["pi-01"].ports_id == 1234
+
+
+def test_an_escaped_dollar_is_a_literal_credential(tmp_path):
+    text = ALL_ENV.replace('"${PI02_DBID}"', '"$${PI02_DBID}"')
+    with pytest.raises(InventoryError, match=r"\[hosts.pi-02\] dbid: a literal credential"):
+        load_inventory(write(tmp_path, text, mode=0o644), env=ALL_ENV_VALUES)

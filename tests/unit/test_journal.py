@@ -71,6 +71,57 @@ def test_creates_private_state_dir_and_journal_file(tmp_path):
     assert stat.S_IMODE(journal_path(state).stat().st_mode) == 0o600
 
 
+def test_every_journal_file_is_private_whatever_the_umask(tmp_path, open_umask, clock):
+    state = tmp_path / "state"
+    with Journal(state, clock=clock) as journal:
+        journal.start_run("r1", "upgrade", "/inv/deployer.toml", ["pi-01"], {})
+        files = sorted(p.name for p in state.iterdir())
+        assert files == ["journal.sqlite3", "journal.sqlite3-shm", "journal.sqlite3-wal"]
+        for path in state.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_a_loose_state_dir_and_journal_are_tightened_and_logged(tmp_path, caplog, clock):
+    state = tmp_path / "state"
+    with Journal(state, clock=clock) as journal:
+        journal.start_run("r1", "upgrade", "/inv/deployer.toml", ["pi-01"], {})
+    state.chmod(0o755)
+    journal_path(state).chmod(0o644)
+    caplog.set_level("WARNING", logger="deployer.journal")
+    with Journal(state, clock=clock) as journal:
+        assert [run.run_id for run in journal.runs()] == ["r1"]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE(journal_path(state).stat().st_mode) == 0o600
+    messages = [r.getMessage() for r in caplog.records if r.name == "deployer.journal"]
+    assert messages == [
+        f"state dir {state} was mode 0755: made it 0700 (the journal maps your fleet)",
+        f"journal file {journal_path(state)} was mode 0644: made it 0600",
+    ]
+
+
+def test_a_shared_state_dir_is_not_changed_only_reported(tmp_path, caplog, clock):
+    """--state-dir . (or any directory that holds more than the journal) is the
+    user's: deployer does not chmod it, it says so."""
+    shared = tmp_path / "project"
+    shared.mkdir()
+    (shared / "deployer.toml").write_text("")
+    shared.chmod(0o755)
+    caplog.set_level("WARNING", logger="deployer.journal")
+    Journal(shared, clock=clock).close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE(journal_path(shared).stat().st_mode) == 0o600
+    [message] = [r.getMessage() for r in caplog.records if r.name == "deployer.journal"]
+    assert message.startswith(f"state dir {shared} is mode 0755 and holds more than the journal")
+
+
+def test_a_private_state_dir_logs_nothing(tmp_path, caplog, clock):
+    caplog.set_level("DEBUG", logger="deployer.journal")
+    Journal(tmp_path / "state", clock=clock).close()
+    Journal(tmp_path / "state", clock=clock).close()
+    assert [r for r in caplog.records if r.name == "deployer.journal"] == []
+
+
 def test_schema_is_versioned_and_in_wal_mode(journal):
     assert _raw(journal.path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert _raw(journal.path, "PRAGMA journal_mode") == [("wal",)]

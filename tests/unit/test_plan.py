@@ -84,6 +84,7 @@ def inventory(
             health=json.dumps(health),
         )
     )
+    path.chmod(0o600)  # it holds literal credentials: private, or deployer refuses it
     return load_inventory(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -204,6 +205,24 @@ def test_no_credential_reaches_any_report():
         for raw in raw_values:
             assert raw not in text
         assert "…9112" in text  # the masked form, as Secret prints itself
+
+
+# --- the report files' own mode ------------------------------------------------------
+
+
+def test_report_files_are_private(tmp_path, open_umask):
+    """They hold no credential, but they map the fleet: owner-only, even when they
+    replace a file that others could read."""
+    report, junit = tmp_path / "report.json", tmp_path / "junit.xml"
+    for path in (report, junit):
+        path.write_text("old")
+        path.chmod(0o644)
+    write_json(sample_run(), report)
+    write_junit(sample_run(), junit)
+    for path in (report, junit):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    write_json(sample_run(), tmp_path / "new" / "report.json")
+    assert stat.S_IMODE((tmp_path / "new" / "report.json").stat().st_mode) == 0o600
 
 
 def test_reports_scrub_a_leaked_raw_credential_as_second_defence():

@@ -43,6 +43,7 @@ def _plans(tmp_path: Path, detection: float):
     (tmp_path / "t.j2").write_text("print({{ host | tojson }})\n")
     inv_path = tmp_path / "deployer.toml"
     inv_path.write_text(INVENTORY.format(detection=detection))
+    inv_path.chmod(0o600)  # it holds literal credentials: private, or deployer refuses it
     inv = load_inventory(inv_path)
     request = UpgradeRequest(inventory=inv, hosts=list(inv.hosts.values()), state_dir=tmp_path)
     return plan_all(request, "run-1")

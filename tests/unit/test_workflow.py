@@ -112,6 +112,7 @@ class Site:
                 run=toml_str(PYTHON + " {{ script_path | quote }}"),
             )
         )
+        (root / "deployer.toml").chmod(0o600)  # literal credentials: private, or refused
         self.old = client_source("0")
         self.script.write_bytes(self.old)
         start_client(self.script, self.pidfile, root / "old.log")
