@@ -482,3 +482,21 @@ def test_fetches_run_before_any_host_starts(tmp_path):
 def test_script_dataclass_repr_hides_the_text():
     script = Script(text=f"DBID = '{DBID}'", sha256="0" * 64, origin=PROVIDER_ORIGIN)
     assert leaks(repr(script)) == []
+
+
+def test_a_fetch_error_that_quotes_the_ids_is_masked_in_result_and_journal(tmp_path):
+    fleet = Fleet(tmp_path, hosts=1)
+    try:
+        fleet.api.inject(
+            "get_client_script",
+            lambda: InvalidRegion(f"no region for {CLIENT_ID} with {API_KEY}", call="x", code=41),
+        )
+        run = fleet.run()
+    finally:
+        ProcessReaper(tmp_path).kill_all()
+    (host,) = run.hosts
+    assert host.result is Outcome.FAILED and host.error.api_error_code == 41
+    assert leaks(host.error.message) == [] and "…4444" in host.error.message
+    journal = b"".join(p.read_bytes() for p in (tmp_path / "state").iterdir() if p.is_file())
+    assert b"InvalidRegion" in journal
+    assert [f for f in (CLIENT_ID, API_KEY) if f.encode() in journal] == []
