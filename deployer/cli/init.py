@@ -22,7 +22,13 @@ import click
 # package resource -> path written, relative to the inventory's directory
 STARTER_TEMPLATE = ("client.py.j2", "templates/client.py.j2")
 STARTER_INVENTORY = "starter.toml.j2"
-STARTER_ENV = ("SSHREACH_USER_ID", "PI01_DBID", "PI01_HOST_UUID")
+STARTER_ENV = (
+    "SSHREACH_USER_ID",
+    "SSHREACH_POLL_URL",
+    "SSHREACH_FORWARDING_USER",
+    "PI01_DBID",
+    "PI01_HOST_UUID",
+)
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 

@@ -22,7 +22,11 @@ def env(monkeypatch):
 
 @pytest.fixture
 def inventory_file(tmp_path, env):
-    return write(tmp_path, BASE)
+    # the shipped client needs the account's poll URL and forwarding user (SPEC 1b)
+    defaults = 'vars = { release = "1", region = "none" }'
+    client_vars = 'poll_url = "https://poll.example/cgi", forwarding_user = "acct"'
+    assert defaults in BASE
+    return write(tmp_path, BASE.replace(defaults, defaults[:-2] + ", " + client_vars + " }", 1))
 
 
 def assert_no_credentials(result: Run) -> None:

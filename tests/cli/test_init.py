@@ -25,9 +25,11 @@ ENV = {
     "SSHREACH_USER_ID": "user-7f3a9c2e",
     "PI01_DBID": "dbid-5b81d0aa",
     "PI01_HOST_UUID": "20sldd20-20sz-aa20-aa02-aa0salskd82a",
+    "SSHREACH_POLL_URL": "https://poll.example/cgi",
+    "SSHREACH_FORWARDING_USER": "acct-7f3a",
 }
 # starter keys that deliberately differ from the built-in default (a recommendation)
-RECOMMENDED = {"validate"}
+RECOMMENDED = {"validate", "vars", "service.ready"}
 
 
 def run_init(cwd, *global_options: str) -> tuple[int, str, str]:
@@ -94,7 +96,7 @@ def test_starter_values_are_the_builtin_defaults(tmp_path):
         {
             f"service.{key}": (value, service_defaults[key])
             for key, value in doc["defaults"]["service"].items()
-            if value != service_defaults[key]
+            if value != service_defaults[key] and f"service.{key}" not in RECOMMENDED
         }
     )
     drift.update(
@@ -161,3 +163,14 @@ def test_init_with_inventory_option_writes_there_and_templates_beside_it(tmp_pat
     assert not (tmp_path / "deployer.toml").exists()
     inventory = load_inventory(tmp_path / "fleet" / "prod.toml", env=ENV)
     assert inventory.hosts["pi-01"].template == (tmp_path / "fleet/templates/client.py.j2")
+
+
+def test_the_starter_renders_the_shipped_client_once_env_is_set(tmp_path, monkeypatch):
+    """init then render: the starter gives the shipped client every var it needs."""
+    run_init(tmp_path)
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    res = run("-i", str(tmp_path / "deployer.toml"), "render", "pi-01", cwd=tmp_path)
+    assert res.code == 0, res.stderr
+    assert 'POLL_URL = "https://poll.example/cgi"' in res.stdout
+    assert 'FORWARDING_USER = "acct-7f3a"' in res.stdout

@@ -9,7 +9,8 @@ import pytest
 
 from deployer.errors import InventoryError, TemplateError
 from deployer.render import host_context, mask_secrets, render_command, render_script
-from tests.unit.test_inventory import DBID, ENV, SECRETS, USER_ID, UUID, load, swap
+from tests.unit.test_inventory import DBID, ENV, SECRETS, USER_ID, UUID, swap
+from tests.unit.test_inventory import load as load_inventory_text
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +26,18 @@ HOSTILE = [
     "</script><!-- & -->",
     "",
 ]
+
+
+# the two vars the shipped client needs (SPEC 1b: the account's poll URL and user)
+CLIENT_VARS = {"poll_url": "https://poll.example/cgi", "forwarding_user": "acct"}
+
+
+def load(tmp_path, text=None, overrides=None, env=None):
+    """The test inventory, with the shipped client's required vars given as --var."""
+    args = {} if text is None else {"text": text}
+    return load_inventory_text(
+        tmp_path, overrides={**CLIENT_VARS, **(overrides or {})}, env=env, **args
+    )
 
 
 def run_client(text: str) -> dict:
@@ -65,12 +78,9 @@ def test_shipped_client_renders_compiles_and_carries_the_ids(inventory):
     rendered = render_script(inventory, inventory.hosts["pi-01"])
     module = run_client(rendered.text)
     assert (module["DBID"], module["HOST_UUID"], module["USER_ID"]) == (DBID, UUID, USER_ID)
-    assert (module["PORTS_ID"], module["TUNNEL_PORT"], module["SSH_HOST"]) == (
-        1234,
-        12345,
-        "fw1.example",
-    )
-    assert module["VARS"] == {"release": "1", "region": "eu", "location": "Berlin"}
+    assert module["PORTS_ID"] == 1234
+    assert (module["POLL_URL"], module["FORWARDING_USER"]) == ("https://poll.example/cgi", "acct")
+    assert module["RELEASE"] == "1"
     assert rendered.sha256 == hashlib.sha256(rendered.text.encode("utf-8")).hexdigest()
     assert rendered.template == inventory.hosts["pi-01"].template
     assert rendered.text.endswith("\n")
@@ -86,11 +96,11 @@ def test_rendered_repr_hides_the_credentials(inventory):
 @pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
 def test_hostile_var_values_stay_literal(tmp_path, value):
     value = value.replace("PWNED", str(tmp_path / "pwned"))
-    inventory = load(tmp_path, overrides={"release": value, "note": value})
+    inventory = load(tmp_path, overrides={"release": value, "client_version": value})
     rendered = render_script(inventory, inventory.hosts["pi-02"])
     module = run_client(rendered.text)
     assert module["RELEASE"] == value
-    assert module["VARS"]["note"] == value
+    assert module["CLIENT_VERSION"] == value
     assert not (tmp_path / "pwned").exists()
 
 
