@@ -664,3 +664,47 @@ def test_a_release_that_never_polls_is_rolled_back_with_the_window_open_until_th
         assert_window_closed(site.api)
     finally:
         reaper.kill_all()
+
+
+# --- systemd's KillMode (SPEC 1b: the stop must not end the client's tunnel) ------------
+
+
+class _ShowRemote:
+    """A remote whose `systemctl show` answers with a given KillMode."""
+
+    def __init__(self, mode: str, ok: bool = True):
+        self.name, self.mode, self.ok, self.commands = "pi-01", mode, ok, []
+
+    def run(self, command, **kwargs):
+        from deployer.remote import CommandResult
+
+        self.commands.append(command)
+        return CommandResult(command, 0 if self.ok else 1, self.mode + "\n", "")
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"), [("control-group", True), ("mixed", True), ("process", False)]
+)
+def test_a_unit_whose_stop_kills_the_tunnel_is_warned_about(site, mode, warned):
+    from dataclasses import replace
+
+    from deployer.model import ServiceConfig
+
+    inventory = site.inventory()
+    host = replace(inventory.hosts["pi-01"], service=ServiceConfig(kind="systemd", unit="my unit"))
+    plan = plan_host(inventory, host, "R1")
+    ctx = RunContext("R1", inventory, site.api, site.factory, events=site.events)
+    run = HostRun(ctx, plan)
+    run.remote = _ShowRemote(mode)
+    run._warn_kill_mode()
+    assert run.remote.commands == ["systemctl show -p KillMode --value 'my unit'"]
+    assert any(f"KillMode={mode}" in m for m in site.events.messages) is warned
+
+
+def test_no_kill_mode_check_for_other_service_kinds(site):
+    inventory = site.inventory()
+    plan = plan_host(inventory, inventory.hosts["pi-01"], "R1")
+    run = HostRun(RunContext("R1", inventory, site.api, site.factory, events=site.events), plan)
+    run.remote = _ShowRemote("control-group")
+    run._warn_kill_mode()
+    assert run.remote.commands == [] and site.events.messages == []
