@@ -160,13 +160,23 @@ class Guard:
         return True
 
     def backup(self):
+        """Copy the installed script to the backup path, owner-only whatever its
+        mode (it holds credentials): 0700 if its owner may run it, else 0600."""
         script, backup = self.cfg["script_path"], self.cfg["backup_path"]
         if not os.path.exists(script):
             self.status("backed_up", backup=None)
             return None
-        os.makedirs(os.path.dirname(backup), exist_ok=True)
+        folder = os.path.dirname(backup)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # one made by an older deployer may be open to others
         tmp = backup + ".tmp"
-        shutil.copy2(script, tmp)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # a leftover: its mode is not ours to keep
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as dst, open(script, "rb") as src:
+            shutil.copyfileobj(src, dst)
+        shutil.copystat(script, tmp)  # times and attributes as copy2 did; the mode is reset:
+        os.chmod(tmp, 0o700 if os.stat(script).st_mode & 0o100 else 0o600)
         fsync_file(tmp)
         os.replace(tmp, backup)
         self.status("backed_up", backup=backup)

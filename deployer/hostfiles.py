@@ -8,6 +8,11 @@ stay on one filesystem (atomic) and one ``mkdir`` is the host lock::
     /opt/sshreach/.client.py.deployer/backups/   client.py.<UTC time>.<sha8>
     /opt/sshreach/.client.py.deployer/runs/RUN/  staged script, guard, status, control files
 
+The script, its backups and the guard hold the host's credentials: ``backups/``
+and ``runs/`` are created owner-only (umask 077), backups are kept owner-only
+(see :func:`prune_backups`), and inspect reports an installed script that group
+or others can read (:func:`remote_script_info`, :func:`loose_mode_warning`).
+
 Every remote word goes through :func:`deployer.remote.sh` (shlex.quote).
 """
 
@@ -15,13 +20,16 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 
 from deployer.errors import LockHeld, RemoteCommandError, VerifyError
 from deployer.remote import Remote, sh
+from deployer.result import readable_by
 
 BACKUP_STAMP = "%Y%m%dT%H%M%SZ"
+MODE_RE = re.compile(r"^[0-7]{3,4}$")
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,50 @@ def remote_sha256(remote: Remote, path: str) -> str | None:
     # from stdin: sha256sum escapes odd file names (backslash, newline) in its output
     res = remote.run(f"if [ -f {sh(path)} ]; then sha256sum < {sh(path)}; else echo MISSING; fi")
     out = res.stdout.strip()
+    return None if out == "MISSING" else _digest(remote, path, out)
+
+
+def remote_script_info(remote: Remote, path: str) -> tuple[str | None, str | None]:
+    """``(sha256, mode)`` of a remote file in one round trip; ``(None, None)`` if it
+    does not exist. ``mode`` is four octal digits (``"0755"``), None if ``stat``
+    could not tell."""
+    p = sh(path)
+    res = remote.run(
+        f"if [ -f {p} ]; then sha256sum < {p} && (stat -c %a {p} 2>/dev/null || echo -); "
+        "else echo MISSING; fi"
+    )
+    out = res.stdout.strip()
     if out == "MISSING":
-        return None
+        return None, None
+    first, _, rest = out.partition("\n")
+    mode = rest.strip()
+    return _digest(remote, path, first), (f"{int(mode, 8):04o}" if MODE_RE.match(mode) else None)
+
+
+def _digest(remote: Remote, path: str, out: str) -> str:
     digest = out.split()[0] if out else ""
     if len(digest) != 64:
         raise VerifyError(f"unexpected sha256sum output for {path}: {out[:80]!r}", host=remote.name)
     return digest
+
+
+def loose_mode_warning(path: str, mode: str | None, wanted: str) -> str | None:
+    """The warning for an installed script that group or others can read, or None.
+
+    ``wanted`` is the inventory's ``mode``: the fix is a reinstall when it is
+    owner-only, else the inventory itself."""
+    readers = readable_by(mode)
+    if readers is None:
+        return None
+    text = (
+        f"warning: the installed script {path} is mode {mode}: {readers} can read it, "
+        "and it holds the host's credentials; "
+    )
+    if readable_by(wanted):
+        return (
+            text + f'the inventory asks for mode "{wanted}": set mode = "0700" to keep it private'
+        )
+    return text + f"an upgrade installs it as {wanted} (add --force if the script is unchanged)"
 
 
 def read_file(remote: Remote, path: str) -> bytes:
@@ -154,10 +200,13 @@ def list_backups(remote: Remote, paths: HostPaths) -> list[str]:
 
 
 def prune_backups(remote: Remote, paths: HostPaths, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` backups, and make the rest owner-only:
+    they hold credentials (backups made before deployer kept them private may
+    still be readable by group or others)."""
     backups = list_backups(remote, paths)
     doomed = backups[: max(0, len(backups) - keep)]
-    if doomed:
-        remote.run(sh("rm", "-f", *doomed))
+    private = f"(chmod -R go-rwx {sh(paths.backups)} 2>/dev/null || true)"
+    remote.run(f"{sh('rm', '-f', *doomed)} && {private}" if doomed else private)
     return doomed
 
 

@@ -332,7 +332,7 @@ def _check_type(value: Any, expected: type, key: KeyPath, source: _Source) -> An
         got = _type_name(value)
         fix = f"write {TYPE_NAMES[expected]}"
         if key[-1] == "mode" and isinstance(value, int):
-            fix = 'quote it as an octal string, e.g. mode = "0755"'
+            fix = 'quote it as an octal string, e.g. mode = "0700"'
         raise source.error(key, f"must be {TYPE_NAMES[expected]}, got {got}", fix)
     return value
 
@@ -416,7 +416,7 @@ def _check_absolute(value: str, key: KeyPath, source: _Source) -> str:
 
 def _check_mode(value: str, key: KeyPath, source: _Source) -> str:
     if not MODE_RE.match(value):
-        raise source.error(key, f"'{value}' is not an octal file mode", 'write e.g. "0755"')
+        raise source.error(key, f"'{value}' is not an octal file mode", 'write e.g. "0700"')
     return value
 
 

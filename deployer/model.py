@@ -50,7 +50,7 @@ class HostConfig:
     host_key_policy: str = "accept-new"  # strict | accept-new
     template: Path = Path("templates/client.py.j2")  # absolute after loading
     script_path: str = "/opt/sshreach/client.py"
-    mode: str = "0755"
+    mode: str = "0700"  # the script holds the host's credentials: owner-only
     sudo: bool = False
     online_timeout: float = 120.0
     stable_for: float = 30.0

@@ -25,6 +25,7 @@ FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAF
 STARTING_STAGE = "starting"
 LIVE_REFRESH_PER_SECOND = 4
 BAR_WIDTH = 30
+WARNING_PREFIX = "warning:"  # a message that starts so stands out on a terminal
 
 
 def make_progress(
@@ -310,7 +311,8 @@ class LiveProgress(EventSink):
         self._print(host_line(result), style)
 
     def message(self, host: str | None, text: str) -> None:
-        self._print(f"{host} {text}" if host else text, "dim")
+        style = "yellow" if text.startswith(WARNING_PREFIX) else "dim"
+        self._print(f"{host} {text}" if host else text, style)
 
     def run_finished(self, run_id: str) -> None:
         self.close()

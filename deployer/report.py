@@ -64,7 +64,19 @@ def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
         ]
         lines.append("  ".join(cells + [row[-1]]).rstrip())
     lines.append(summary_line(run))
+    lines += [w for w in (mode_warning(h) for h in run.hosts) if w]
     return scrub("\n".join(lines) + "\n", secrets)
+
+
+def mode_warning(host: HostResult) -> str | None:
+    """A line for a host whose installed script others could read at inspect."""
+    readers = host.script_readable_by
+    if readers is None:
+        return None
+    return (
+        f"warning: {host.host}: the installed script was mode {host.installed_mode}: "
+        f"{readers} could read the host's credentials"
+    )
 
 
 def _table_row(host: HostResult) -> tuple[str, ...]:
@@ -177,7 +189,11 @@ def _host_log(host: HostResult) -> str:
         f"new_sha256: {host.new_sha256 or '-'}",
         f"exposure_seconds: {host.exposure_seconds:.3f}",
         f"api_calls: {host.api_calls}",
+        f"installed_mode: {host.installed_mode or '-'}",
     ]
+    warning = mode_warning(host)
+    if warning:
+        lines.append(warning)
     lines += [f"{s.step}: {s.status} {s.seconds:.3f}s" for s in host.steps]
     return "\n".join(lines)
 

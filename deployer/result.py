@@ -102,6 +102,12 @@ class HostResult:
     steps: list[StepRecord] = field(default_factory=list)
     error: ErrorInfo | None = None
     diff: str | None = None  # --dry-run only; not part of the JSON contract
+    installed_mode: str | None = None  # "0755": the script found at inspect; None if none
+
+    @property
+    def script_readable_by(self) -> str | None:
+        """Who besides its owner could read the installed script (it holds credentials)."""
+        return readable_by(self.installed_mode)
 
     @property
     def succeeded(self) -> bool:
@@ -118,6 +124,7 @@ class HostResult:
             "duration_seconds": round(self.duration_seconds, 3),
             "steps": [s.to_json() for s in self.steps],
             "error": self.error.to_json() if self.error else None,
+            "installed_mode": self.installed_mode,
         }
 
 

@@ -42,11 +42,13 @@ from deployer.errors import (
 from deployer.events import EventSink
 from deployer.hostfiles import (
     list_backups,
+    loose_mode_warning,
     prune_backups,
     read_file,
     read_guard_status,
     read_lock,
     release_lock,
+    remote_script_info,
     remote_sha256,
     take_lock,
 )
@@ -115,6 +117,7 @@ class HostRun:
         self.remote: Remote | None = None
         self.script, self.new_sha = plan.script, plan.sha256
         self.old_sha: str | None = None
+        self.installed_mode: str | None = None  # of the script found at inspect, "0755"
         self.diff: str | None = None
         self.tunnel_opened = self.locked = self.swap_started = self.committed = False
         self.window_open_since: float | None = None
@@ -170,6 +173,7 @@ class HostRun:
             steps=self.steps,
             error=None if outcome in (Outcome.UPGRADED, Outcome.UNCHANGED) else error,
             diff=self.diff,
+            installed_mode=self.installed_mode,
         )
         self.ctx.events.host_finished(result)
         return result
@@ -327,8 +331,13 @@ class HostRun:
         self.locked = True
 
     def _inspect(self) -> bool:
-        """True if there is something to install."""
-        self.old_sha = remote_sha256(self.remote, self.paths.script_path)
+        """True if there is something to install. Warns (without failing the host)
+        when group or others can read the installed script: it holds credentials."""
+        path = self.paths.script_path
+        self.old_sha, self.installed_mode = remote_script_info(self.remote, path)
+        warning = loose_mode_warning(path, self.installed_mode, self.host.mode)
+        if warning:
+            self._message(warning)
         if self.ctx.options.command == "rollback":
             self._pick_backup()
         self._note(old_sha256=self.old_sha, new_sha256=self.new_sha)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -148,6 +149,30 @@ def test_clean_swap_then_commit(host):
     ]
     assert pid_alive(new_pid)  # the committed client stays
     assert host.script.read_bytes() == NEW
+
+
+@pytest.mark.parametrize(
+    ("installed", "kept"),
+    [(0o755, 0o700), (0o750, 0o700), (0o700, 0o700), (0o644, 0o600), (0o600, 0o600)],
+    ids=oct,
+)
+def test_the_backup_is_owner_only_whatever_the_installed_mode(host, open_umask, installed, kept):
+    """The script holds the host's credentials: a 0755 script must not leave a
+    0755 backup (shutil.copy2 would copy its mode)."""
+    host.install_old()
+    host.script.chmod(installed)
+    os.utime(host.script, (1_600_000_000, 1_600_000_000))
+    host.backup.parent.mkdir(parents=True)
+    host.backup.parent.chmod(0o755)  # as an older deployer may have left it
+    host.start_guard()
+    host.wait_state("started")
+    assert host.backup.read_bytes() == OLD
+    assert stat.S_IMODE(host.backup.stat().st_mode) == kept
+    assert host.backup.stat().st_mtime == 1_600_000_000  # the times are kept, as copy2 does
+    assert stat.S_IMODE(host.backup.parent.stat().st_mode) == 0o700
+    assert sorted(p.name for p in host.backup.parent.iterdir()) == [host.backup.name]
+    host.touch("commit")
+    host.wait_state("committed")
 
 
 def test_revert_on_request_restores_old_script_byte_for_byte(host):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import stat
 import subprocess
 
 import pytest
@@ -14,11 +15,13 @@ from deployer.errors import LockHeld
 from deployer.hostfiles import (
     HostPaths,
     list_backups,
+    loose_mode_warning,
     prune_backups,
     read_file,
     read_guard_status,
     read_lock,
     release_lock,
+    remote_script_info,
     remote_sha256,
     take_lock,
 )
@@ -168,7 +171,53 @@ def test_prune_keeps_the_newest(remote, paths, tmp_path):
     assert list(d.iterdir()) == []
 
 
+def test_prune_makes_the_backups_it_keeps_owner_only(remote, paths, tmp_path, open_umask):
+    """Backups made before deployer kept them private may be readable by others."""
+    names = [f"client.py.2023010{i}T000000Z.aaaaaaaa" for i in (1, 2, 3)]
+    d = make_backups(paths, tmp_path, names)
+    (d / names[2]).chmod(0o755)
+    d.chmod(0o755)
+    prune_backups(remote, paths, 2)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {
+        names[1]: 0o600,
+        names[2]: 0o700,
+    }
+    (d / names[2]).chmod(0o755)
+    assert prune_backups(remote, paths, 5) == []  # nothing to remove: still made private
+    assert stat.S_IMODE((d / names[2]).stat().st_mode) == 0o700
+
+
 # --- files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "text"), [(0o755, "0755"), (0o600, "0600"), (0o4750, "4750")])
+def test_remote_script_info_reads_hash_and_mode_in_one_round_trip(remote, tmp_path, mode, text):
+    f = tmp_path / "it's a $(script)"
+    f.write_bytes(b"hello\n")
+    f.chmod(mode)
+    before = len(remote.commands)
+    info = remote_script_info(remote, str(f))
+    assert info == (hashlib.sha256(b"hello\n").hexdigest(), text)
+    assert len(remote.commands) == before + 1
+    assert remote_script_info(remote, str(tmp_path / "missing")) == (None, None)
+    assert remote_script_info(remote, str(tmp_path)) == (None, None)  # a directory
+
+
+def test_loose_mode_warning_says_who_can_read_and_the_fix():
+    assert loose_mode_warning("/opt/c.py", "0700", "0700") is None
+    assert loose_mode_warning("/opt/c.py", "0600", "0755") is None
+    assert loose_mode_warning("/opt/c.py", None, "0700") is None  # no script, or stat failed
+    assert loose_mode_warning("/opt/c.py", "0755", "0700") == (
+        "warning: the installed script /opt/c.py is mode 0755: group and others can read it, "
+        "and it holds the host's credentials; an upgrade installs it as 0700 "
+        "(add --force if the script is unchanged)"
+    )
+    chosen = loose_mode_warning("/opt/c.py", "0750", "0750")
+    assert chosen is not None and "mode 0750: group can read it" in chosen
+    assert chosen.endswith(
+        'the inventory asks for mode "0750": set mode = "0700" to keep it private'
+    )
 
 
 def test_remote_sha256_of_a_file_and_of_a_missing_one(remote, tmp_path):

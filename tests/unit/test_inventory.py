@@ -158,7 +158,7 @@ MALFORMED = [
     (
         "mode-integer",
         swap('mode = "0755"', "mode = 755"),
-        'must be a string, got an integer; quote it as an octal string, e.g. mode = "0755"',
+        'must be a string, got an integer; quote it as an octal string, e.g. mode = "0700"',
         12,
     ),
     (

@@ -207,6 +207,38 @@ def test_no_credential_reaches_any_report():
         assert "…9112" in text  # the masked form, as Secret prints itself
 
 
+# --- the installed script's mode -----------------------------------------------------
+
+
+def mode_run(*modes: str | None) -> RunResult:
+    hosts = [HostResult(f"pi-0{i}", Outcome.UPGRADED) for i, _ in enumerate(modes, 1)]
+    for host, mode in zip(hosts, modes, strict=True):
+        host.installed_mode = mode
+    return RunResult("run-7", 0.0, 1.0, hosts)
+
+
+def test_table_warns_under_the_summary_about_a_script_others_could_read():
+    lines = render_table(mode_run("0755", "0700", None, "0640")).splitlines()
+    assert lines[-3] == "4 hosts: 4 upgraded"
+    assert lines[-2:] == [
+        "warning: pi-01: the installed script was mode 0755: "
+        "group and others could read the host's credentials",
+        "warning: pi-04: the installed script was mode 0640: "
+        "group could read the host's credentials",
+    ]
+    assert render_table(mode_run("0700", "0600")).splitlines()[-1] == "2 hosts: 2 upgraded"
+
+
+def test_junit_system_out_carries_the_installed_mode_and_its_warning():
+    suite = parse_junit(to_junit_xml(mode_run("0755", "0700", None)))
+    outs = [case.find("system-out").text.splitlines() for case in suite.iter("testcase")]
+    assert "installed_mode: 0755" in outs[0]
+    warning = "warning: pi-01: the installed script was mode 0755"
+    assert any(line.startswith(warning) for line in outs[0])
+    assert "installed_mode: 0700" in outs[1] and not any("warning" in x for x in outs[1])
+    assert "installed_mode: -" in outs[2]
+
+
 # --- the report files' own mode ------------------------------------------------------
 
 

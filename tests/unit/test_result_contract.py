@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 
@@ -25,6 +26,7 @@ HOST_KEYS = {
     "duration_seconds",
     "steps",
     "error",
+    "installed_mode",
 }
 STEP_KEYS = {"step", "status", "seconds"}
 ERROR_KEYS = {"step", "type", "message", "api_error_code"}
@@ -40,8 +42,10 @@ def document(hosts: list[HostResult], interrupted: bool = False) -> dict:
 def full_run() -> list[HostResult]:
     steps = [StepRecord("preflight", "ok", 0.0213), StepRecord("swap", "undone", 1)]
     error = ErrorInfo.from_exception(ClientBlocked("blocked", call="connect"), "connect")
+    upgraded = HostResult("pi-01", Outcome.UPGRADED, "a" * 64, "b" * 64, 1.9, 6, 4.2, steps[:1])
+    upgraded.installed_mode = "0755"  # the script found at inspect: readable by others
     return [
-        HostResult("pi-01", Outcome.UPGRADED, "a" * 64, "b" * 64, 1.9, 6, 4.2, steps[:1]),
+        upgraded,
         HostResult("pi-02", Outcome.ROLLED_BACK, "a" * 64, "b" * 64, 2, 9, 12, steps, error),
         HostResult("pi-03", Outcome.SKIPPED, error=ErrorInfo(None, "RolloutStopped", "why")),
     ]
@@ -75,6 +79,13 @@ def test_host_keys_and_types():
         assert isinstance(host["api_calls"], int) and not isinstance(host["api_calls"], bool)
         assert isinstance(host["steps"], list)
         assert host["error"] is None or isinstance(host["error"], dict)
+        mode = host["installed_mode"]
+        assert mode is None or (isinstance(mode, str) and re.fullmatch("[0-7]{4}", mode))
+
+
+def test_installed_mode_is_the_octal_mode_found_at_inspect_or_null():
+    hosts = document(full_run())["hosts"]
+    assert [h["installed_mode"] for h in hosts] == ["0755", None, None]
 
 
 def test_step_keys_and_types():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import uuid
@@ -234,6 +235,53 @@ def test_force_reinstalls_the_same_script(site):
     assert res.result is Outcome.UPGRADED
     assert len(site.api.exposures) == 2
     assert_window_closed(site.api)
+
+
+def warnings(site) -> list[str]:
+    return [m for m in site.events.messages if m.startswith("warning:")]
+
+
+def test_inspect_warns_about_a_script_others_can_read_without_failing(site, open_umask):
+    site.script.chmod(0o755)
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert res.installed_mode == "0755" and res.to_json()["installed_mode"] == "0755"
+    [warning] = warnings(site)
+    assert warning.startswith(
+        f"warning: the installed script {site.script} is mode 0755: group and others can read it"
+    )
+    assert "an upgrade installs it as 0700" in warning
+    # the new script gets the default mode, and the old one's backup is owner-only too
+    assert stat.S_IMODE(site.script.stat().st_mode) == 0o700
+    [backup] = site.backups()
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+
+
+def test_an_owner_only_script_gives_no_warning(site):
+    site.script.chmod(0o700)
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED and res.installed_mode == "0700"
+    assert warnings(site) == []
+
+
+def test_an_unchanged_script_others_can_read_is_reported_with_the_fix(site):
+    assert site.run(release="2").result is Outcome.UPGRADED
+    site.script.chmod(0o644)
+    site.events.messages.clear()
+    res = site.run(release="2")
+    assert res.result is Outcome.UNCHANGED and res.installed_mode == "0644"
+    [warning] = warnings(site)
+    assert "mode 0644: group and others can read it" in warning and "--force" in warning
+    assert stat.S_IMODE(site.script.stat().st_mode) == 0o644  # reported, not changed
+
+
+def test_dry_run_reports_the_mode_and_touches_nothing(site):
+    site.script.chmod(0o640)
+    res = site.run(UpgradeOptions(dry_run=True), release="2")
+    assert res.result is Outcome.PLANNED and res.installed_mode == "0640"
+    [warning] = warnings(site)
+    assert "mode 0640: group can read it" in warning
+    assert stat.S_IMODE(site.script.stat().st_mode) == 0o640
 
 
 def test_keep_backups_prunes_the_oldest(tmp_path):
