@@ -602,6 +602,8 @@ class HostRun:
 
     def _disarm(self) -> None:
         """Stop an armed guard before the lock goes: it must not act on a later run."""
+        if self.remote is None:  # the host was not reached (again): nothing to ask it
+            raise SshConnectError("host not reachable to disarm the guard", host=self.host.name)
         lines = self._guard_lines()
         if lines and lines[-1].get("state") in FINAL_GUARD_STATES:
             return

@@ -1,0 +1,250 @@
+"""``deployer recover`` (SPEC 6) on this machine: a journal left by a run that
+died, hosts as local directories (LocalRemote), the provider a FakeApi.
+
+Each test writes the journal a crashed run would have left (its process gone),
+puts the host's files in the state that run left them, runs
+:func:`deployer.recover.run_recover` and judges by the host's files, the
+provider's calls and the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer import workflow
+from deployer.clock import FakeClock
+from deployer.errors import TunnelNotUp
+from deployer.hostfiles import HostPaths
+from deployer.inventory import load_inventory
+from deployer.journal import Journal, journal_path
+from deployer.recover import run_recover
+from deployer.result import Outcome
+from tests.doubles import PYTHON, FakeApi, LocalRemote
+
+pytestmark = pytest.mark.unit
+
+USER_ID = "USERID-SECRET-1111"
+HOSTS = ("pi-01", "pi-02")
+
+INVENTORY = """\
+[provider]
+api_url = "http://127.0.0.1:9/api/{{call}}"
+ssh_host = "127.0.0.1"
+user_id = "USERID-SECRET-1111"
+offline_detection = 0.3
+
+[defaults]
+template = "client.py.j2"
+python = {python}
+online_timeout = 3
+stable_for = 0.5
+
+[defaults.service]
+kind = "pidfile"
+pidfile = {pidfile}
+run = "true"
+"""
+
+HOST = """
+[hosts.{name}]
+dbid = {dbid}
+host_uuid = "UUID-SECRET-{n}{n}{n}{n}"
+ports_id = 12{n}
+ssh_port = 1234{n}
+script_path = {script}
+"""
+
+
+def toml_str(value: object) -> str:
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+class HostsApi(FakeApi):
+    """A FakeApi whose client_status answers per host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offline: set[str] = set()
+
+    def client_status(self, host: Any) -> bool:
+        self._call("client_status", host)
+        return host.name not in self.offline
+
+
+class Hosts:
+    """A remote factory: a LocalRemote per SSH connect, none for an unreachable host."""
+
+    def __init__(self) -> None:
+        self.unreachable: set[str] = set()
+        self.made: list[LocalRemote] = []
+
+    def __call__(self, host: Any) -> LocalRemote:
+        if host.name in self.unreachable:
+            raise TunnelNotUp("SSH connect refused (simulated)", host=host.name, step="ssh")
+        remote = LocalRemote(host.name)
+        self.made.append(remote)
+        return remote
+
+
+class Fleet:
+    """Two hosts as directories under ``root``, their inventory and state dir."""
+
+    def __init__(self, root: Path, dbids: dict[str, str] | None = None):
+        self.root = root
+        self.state = root / "state"
+        dbids = dbids or {name: f"DBID-SECRET-{n}{n}{n}{n}" for n, name in enumerate(HOSTS, 1)}
+        text = INVENTORY.format(python=toml_str(PYTHON), pidfile=toml_str(root / "client.pid"))
+        for n, name in enumerate(HOSTS, 1):
+            script = root / name / "client.py"
+            script.parent.mkdir(parents=True)
+            script.write_text("# old client\n")
+            text += HOST.format(name=name, n=n, dbid=toml_str(dbids[name]), script=toml_str(script))
+        (root / "client.py.j2").write_text("# client {{ host }}\n")
+        (root / "deployer.toml").write_text(text)
+        (root / "deployer.toml").chmod(0o600)
+        self.api = HostsApi()
+        self.hosts = Hosts()
+        self.clock = FakeClock()
+
+    def inventory(self):
+        return load_inventory(self.root / "deployer.toml")
+
+    def script(self, host: str) -> Path:
+        return self.root / host / "client.py"
+
+    def paths(self, host: str, run_id: str) -> HostPaths:
+        return HostPaths(str(self.script(host)), run_id)
+
+    def lock(self, host: str) -> Path:
+        return Path(self.paths(host, "x").lock)
+
+    def hold_lock(self, host: str, run_id: str) -> None:
+        """The host lock as ``take_lock`` leaves it for ``run_id``."""
+        lock = self.lock(host)
+        lock.mkdir(parents=True)
+        owner = {"owner": "tester@box pid 1", "run_id": run_id, "since": 1.0}
+        (lock / "owner").write_text(json.dumps(owner))
+
+    def crashed_run(self, run_id: str, facts: dict[str, dict[str, Any]], step: str) -> None:
+        """The journal of a run whose process died with ``facts`` noted per host and
+        ``step`` begun (as an upgrade journals it: secrets given to the journal)."""
+        inventory = self.inventory()
+        with Journal(self.state, secrets=inventory.secret_values()) as journal:
+            journal.start_run(run_id, "upgrade", str(self.root / "deployer.toml"), list(facts), {})
+            for host, host_facts in facts.items():
+                journal.update_host(run_id, host, **host_facts)
+                journal.step_begin(run_id, host, step)
+        conn = sqlite3.connect(journal_path(self.state))
+        with conn:
+            conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (exited_pid(), run_id))
+        conn.close()
+
+    def facts(self, host: str, run_id: str, **more: Any) -> dict[str, Any]:
+        """What a run notes up to taking the lock, and ``more``."""
+        paths = self.paths(host, run_id)
+        return {
+            "tunnel_opened": True,
+            "script_path": paths.script_path,
+            "run_dir": paths.run_dir,
+            "lock_path": paths.lock,
+            "lock_maybe_held": True,
+            **more,
+        }
+
+    def recover(self, **kwargs: Any):
+        return run_recover(
+            self.inventory(),
+            self.state,
+            remote_factory=self.hosts,
+            api=self.api,
+            clock=self.clock,
+            **kwargs,
+        )
+
+    def journal_state(self, run_id: str, host: str) -> dict[str, Any]:
+        with Journal(self.state) as journal:
+            return journal.host_state(run_id, host)
+
+
+def exited_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.fixture(autouse=True)
+def _guard_without_api(monkeypatch):
+    """The guard's own provider calls are off (``api: None``), as in test_workflow."""
+    real = workflow.guard_config
+
+    def guard_config(*args, **kwargs):
+        return {**real(*args, **kwargs), "api": None}
+
+    monkeypatch.setattr(workflow, "guard_config", guard_config)
+
+
+@pytest.fixture
+def fleet(tmp_path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+def by_host(run) -> dict[str, Any]:
+    return {h.host: h for h in run.hosts}
+
+
+# --- item 9: one unreachable host does not take the others down ----------------------------
+
+
+def test_an_unreachable_host_armed_guard_is_unsafe_and_the_other_hosts_are_recovered(fleet):
+    run_id = "20250101T000000Z-abc123"
+    armed = fleet.facts("pi-01", run_id, staged=True, guard_armed=True, window_maybe_open=False)
+    fleet.crashed_run(
+        run_id, {"pi-01": armed, "pi-02": fleet.facts("pi-02", run_id)}, step="open_window"
+    )
+    fleet.hold_lock("pi-02", run_id)
+    fleet.hosts.unreachable.add("pi-01")
+
+    run = fleet.recover()
+
+    results = by_host(run)
+    assert sorted(results) == ["pi-01", "pi-02"]
+    unreachable = results["pi-01"]
+    assert unreachable.result is Outcome.UNSAFE
+    assert "reach" in unreachable.error.message, unreachable.error
+    assert "recover" in unreachable.error.message  # what to do: run it again once reachable
+    assert results["pi-02"].result is Outcome.FAILED, results["pi-02"].error
+    assert not fleet.lock("pi-02").exists()
+    assert fleet.journal_state(run_id, "pi-02")["result"] == "failed"
+
+
+def test_a_host_lost_between_reaching_it_and_disarming_its_guard_is_unsafe_and_stays_pending(
+    fleet,
+):
+    run_id = "20250101T000000Z-abc124"
+    armed = fleet.facts("pi-01", run_id, staged=True, guard_armed=True)
+    fleet.crashed_run(run_id, {"pi-01": armed}, step="stage")
+    fleet.hold_lock("pi-01", run_id)
+    hosts = fleet.hosts
+
+    def once_then_refused(host):
+        remote = hosts(host)
+        hosts.unreachable.add(host.name)  # the first session works; then the host is lost
+        return remote
+
+    fleet.hosts = once_then_refused  # type: ignore[assignment]
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.UNSAFE, result
+    assert result.error.type == "SshConnectError", result.error  # not a crash of recover
+    assert "recover" in result.error.message
+    assert fleet.lock("pi-01").exists()  # kept for the next recover
+    with Journal(fleet.state) as journal:
+        assert [(d.run_id, d.host) for d in journal.dangling()] == [(run_id, "pi-01")]
