@@ -19,9 +19,12 @@ looser mode is tightened, with a log line; a state dir that holds anything but
 the journal (``--state-dir .``, a shared directory) is only reported.
 
 Nothing secret is ever stored: callers pass host names, remote paths, step
-names, statuses, times, sha256s, booleans and already-masked error messages,
-and every text value is scrubbed once more of the secrets the journal was
-given (defence in depth).
+names, statuses, times, sha256s, booleans and already-masked error messages.
+Identifiers (run ids, host names, paths, sha256s, facts) are stored as they
+are, never scrubbed: ``recover`` finds a run dir and a lock by them, and a
+short credential such as ``dbid = "0556"`` turns up inside them by chance.
+Only free text, an error's ``message``, is masked once more of the secrets
+the journal was given (defence in depth, by ``secrets.scrub``'s rule).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,10 +403,18 @@ class Journal:
         return self._conn
 
     def _text(self, value: str) -> str:
-        return scrub(str(value), self._secrets)
+        """An identifier as it is stored (never scrubbed: see the module docstring)."""
+        return str(value)
 
     def _json(self, value: Any) -> str:
-        return self._text(json.dumps(_scrubbed(value, self._text), default=str))
+        return json.dumps(value, default=str)  # a Secret in it prints masked
+
+    def _error_json(self, error: dict[str, Any]) -> str:
+        """An error record; its free-text ``message`` is masked (defence in depth)."""
+        message = error.get("message")
+        if isinstance(message, str):
+            error = {**error, "message": scrub(message, self._secrets)}
+        return self._json(error)
 
     def _now(self) -> float:
         return self._clock.wall()
@@ -516,7 +527,7 @@ class Journal:
                 " WHERE run_id = ? AND host = ?",
                 (
                     self._text(result),
-                    None if error is None else self._json(error),
+                    None if error is None else self._error_json(error),
                     now,
                     run_id,
                     host,
@@ -741,19 +752,6 @@ class JournalSink(EventSink):
                 "duration_seconds": round(result.duration_seconds, 3),
             },
         )
-
-
-def _scrubbed(value: Any, text: Callable[[str], str]) -> Any:
-    """``value`` with every string in it (keys included) passed through ``text``."""
-    if isinstance(value, str):
-        return text(value)
-    if isinstance(value, dict):
-        return {text(str(k)): _scrubbed(v, text) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_scrubbed(v, text) for v in value]
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return text(str(value))  # Path, Enum, Secret (masks itself), …
 
 
 def _history_entry(run: RunRecord, hosts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,8 +3,12 @@
 
 Reports are built only from result values, which hold no credentials; every
 renderer also takes ``secrets`` (raw values, e.g. ``Inventory.secret_values()``)
-and scrubs them as a second line of defence. Report files are written owner-only
-(``REPORT_FILE_MODE``): they hold no credential, but they map the fleet.
+and scrubs them as a second line of defence, from free text only (error
+messages, warnings, command output): identifiers (``IDENTIFIER_FIELDS``: the run
+id, host names, sha256s) are reported as they are, since a short credential
+such as ``dbid = "0556"`` turns up inside them by chance (``secrets.scrub``).
+Report files are written owner-only (``REPORT_FILE_MODE``): they hold no
+credential, but they map the fleet.
 """
 
 from __future__ import annotations
@@ -17,16 +21,20 @@ import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from deployer.result import HostResult, Outcome, RunResult, iso
 from deployer.secrets import scrub
 
-#: JUnit mapping: these results are <failure>, SKIPPED is <skipped>, the rest pass
+#: JUnit mapping: these results are <failure>, JUNIT_SKIPPED <skipped>, the rest pass
 JUNIT_FAILURES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
+#: not run: stopped first, or (``--wait-offline``) its client never came back
+JUNIT_SKIPPED = frozenset({Outcome.SKIPPED, Outcome.OFFLINE})
 TABLE_COLUMNS = ("HOST", "RESULT", "EXPOSURE s", "API CALLS", "DURATION s", "ERROR")
 MAX_ERROR_WIDTH = 80
 REPORT_FILE_MODE = 0o600
+#: JSON report fields that are identifiers: reported as they are, never scrubbed
+IDENTIFIER_FIELDS = frozenset({"run_id", "host", "old_sha256", "new_sha256"})
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -54,7 +62,8 @@ def error_text(host: HostResult) -> str:
 
 def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
     """A fixed-width summary table, one row per host, then a counts line."""
-    rows = [TABLE_COLUMNS] + [_table_row(h) for h in run.hosts]
+    secrets = list(secrets)
+    rows = [TABLE_COLUMNS] + [_table_row(h, secrets) for h in run.hosts]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS) - 1)]
     lines = []
     for row in rows:
@@ -64,8 +73,8 @@ def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
         ]
         lines.append("  ".join(cells + [row[-1]]).rstrip())
     lines.append(summary_line(run))
-    lines += [w for w in (mode_warning(h) for h in run.hosts) if w]
-    return scrub("\n".join(lines) + "\n", secrets)
+    lines += [scrub(w, secrets) for w in (mode_warning(h) for h in run.hosts) if w]
+    return "\n".join(lines) + "\n"
 
 
 def mode_warning(host: HostResult) -> str | None:
@@ -79,16 +88,17 @@ def mode_warning(host: HostResult) -> str | None:
     )
 
 
-def _table_row(host: HostResult) -> tuple[str, ...]:
+def _table_row(host: HostResult, secrets: list[str]) -> tuple[str, ...]:
+    error = one_line(scrub(error_text(host), secrets))
     if host.result is Outcome.SKIPPED:
-        return (host.host, host.result.value, "-", "-", "-", one_line(error_text(host)))
+        return (host.host, host.result.value, "-", "-", "-", error)
     return (
         host.host,
         host.result.value,
         f"{host.exposure_seconds:.2f}",
         str(host.api_calls),
         f"{host.duration_seconds:.1f}",
-        one_line(error_text(host)),
+        error,
     )
 
 
@@ -104,7 +114,19 @@ def summary_line(run: RunResult) -> str:
 
 
 def to_json_text(run: RunResult, secrets: Iterable[str] = ()) -> str:
-    return scrub(json.dumps(run.to_json(), indent=2, ensure_ascii=False), secrets) + "\n"
+    report = _masked(run.to_json(), list(secrets))
+    return json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+
+
+def _masked(value: Any, secrets: list[str], key: str | None = None) -> Any:
+    """``value`` with every string scrubbed, but those of ``IDENTIFIER_FIELDS``."""
+    if isinstance(value, str):
+        return value if key in IDENTIFIER_FIELDS else scrub(value, secrets)
+    if isinstance(value, dict):
+        return {k: _masked(v, secrets, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, secrets, key) for v in value]
+    return value
 
 
 def write_json(run: RunResult, target: str | os.PathLike | IO[str], secrets=()) -> None:
@@ -132,7 +154,7 @@ def to_junit_xml(
         "tests": str(len(run.hosts)),
         "failures": str(failures),
         "errors": "0",
-        "skipped": str(summary[Outcome.SKIPPED.value]),
+        "skipped": str(sum(summary[o.value] for o in JUNIT_SKIPPED)),
         "time": f"{max(duration, 0.0):.3f}",
         "timestamp": iso(run.started) or "",
     }
@@ -163,8 +185,10 @@ def _junit_case(suite: ET.Element, host: HostResult, classname: str, secrets: li
         message = f"{host.result.value}: {one_line(error_text(host), 400) or 'no error recorded'}"
         failure = ET.SubElement(case, "failure", {"message": clean(message), "type": clean(kind)})
         failure.text = clean(_failure_details(host))
-    elif host.result is Outcome.SKIPPED:
+    elif host.result in JUNIT_SKIPPED:
         reason = host.error.message if host.error else "not started"
+        if host.result is Outcome.OFFLINE:
+            reason = f"offline: {reason}"
         ET.SubElement(case, "skipped", {"message": clean(reason)})
     ET.SubElement(case, "system-out").text = clean(_host_log(host))
 
@@ -189,6 +213,7 @@ def _host_log(host: HostResult) -> str:
         f"new_sha256: {host.new_sha256 or '-'}",
         f"exposure_seconds: {host.exposure_seconds:.3f}",
         f"api_calls: {host.api_calls}",
+        f"waiting_seconds: {host.waiting_seconds:.3f}",
         f"installed_mode: {host.installed_mode or '-'}",
     ]
     warning = mode_warning(host)

@@ -5,12 +5,34 @@ is only available through :meth:`Secret.reveal`, which the API client (to
 build a query), the template renderer (the client script needs the ids) and
 the guard's config use. :class:`RedactingFilter` scrubs known secret values
 from every log record as a second line of defence.
+
+Where masking happens: at the output boundaries only (terminal, log, report
+file, and an error message stored in the journal), and only in free text
+(messages, diffs, command output). Identifiers — run ids, sha256s, paths,
+host names — are stored, compared and reported as they are: a short numeric
+``dbid`` such as ``0556`` turns up inside them by chance.
+
+The rule of :func:`scrub`, for each form a credential can take
+(:func:`secret_forms`):
+
+* a form of :data:`WHOLE_TOKEN_BELOW` characters or more is masked wherever
+  it appears, even inside a longer word (as before: nothing random holds it);
+* a shorter form is masked wherever it is not part of a longer alphanumeric
+  token: not where a letter or digit touches its first or last character
+  (when that character is a letter or digit itself). So it is masked printed
+  on its own, in a URL or query (``?dbid=0556&``), quoted (``'0556'``,
+  ``"0556"``), after ``_`` or ``-`` or ``/``, at a line's start or end; and it
+  is kept inside ``20250101T000000Z-0556ab``, a sha256 or ``10556``.
+
+What this gives up, on purpose: a short credential glued to letters or digits
+(``dbid0556``) is not recognised; no output of deployer prints one that way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
@@ -58,13 +80,30 @@ class Secret:
         raise TypeError("Secret values are not picklable")
 
 
+#: a credential form this long is masked anywhere; a shorter one only as a whole token
+WHOLE_TOKEN_BELOW = 12
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Replace every occurrence of each raw secret in ``text`` by its mask.
-    (A blank "secret" is no credential: masking it would garble every space.)"""
+    """Replace every occurrence of each secret form in ``text`` by its mask, longest
+    first, by the rule in the module docstring (a short form only where it is not
+    part of a longer alphanumeric token). A blank "secret" is no credential:
+    masking it would garble every space."""
     for raw in sorted({s for s in secrets if s and s.strip()}, key=len, reverse=True):
-        if raw in text:
+        if raw not in text:
+            continue
+        if len(raw) >= WHOLE_TOKEN_BELOW:
             text = text.replace(raw, mask(raw))
+        else:
+            text = _whole_token(raw).sub(lambda _m, r=raw: mask(r), text)
     return text
+
+
+def _whole_token(form: str) -> re.Pattern[str]:
+    """``form`` where no letter or digit touches its alphanumeric ends."""
+    before = r"(?<![^\W_])" if form[0].isalnum() else ""
+    after = r"(?![^\W_])" if form[-1].isalnum() else ""
+    return re.compile(before + re.escape(form) + after)
 
 
 def secret_forms(values: Iterable[str]) -> list[str]:

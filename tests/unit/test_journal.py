@@ -351,11 +351,12 @@ def _files_bytes(state: Path) -> bytes:
 
 
 def test_secrets_never_reach_the_file_wal_included(tmp_path):
+    """Callers never pass a credential; an error message that quotes one anyway
+    is masked (free text is where one can appear)."""
     state = tmp_path / "state"
     j = Journal(state, secrets=[SECRET])
-    j.start_run("r1", "upgrade", "inv", ["pi-01"], {"var": f"token={SECRET}", SECRET: 1})
-    j.step_begin("r1", "pi-01", "preflight", {"note": SECRET, "nested": [{"k": SECRET}]})
-    j.update_host("r1", "pi-01", script_path=f"/opt/{SECRET}/c.py")
+    j.start_run("r1", "upgrade", "inv", ["pi-01"], {"force": False})
+    j.step_begin("r1", "pi-01", "preflight", {"window_maybe_open": False})
     j.finish_host(
         "r1", "pi-01", "failed", error={"type": "WrongData", "message": f"bad id {SECRET}"}
     )
@@ -367,7 +368,27 @@ def test_secrets_never_reach_the_file_wal_included(tmp_path):
     j.close()
     assert SECRET.encode() not in _files_bytes(state)
     with Journal(state) as reader:
-        assert reader.host_state("r1", "pi-01")["note"] == "…" + SECRET[-4:]
+        assert reader.host_state("r1", "pi-01")["error"]["message"] == "bad id …" + SECRET[-4:]
+
+
+def test_a_short_dbid_inside_run_ids_hashes_and_paths_is_stored_as_it_is(tmp_path):
+    """Identifiers are stored and compared unmasked: recover looks up the run dir
+    and the lock by them. Only free text (an error message) is masked."""
+    dbid = "0556"
+    run_id = f"20250101T000000Z-{dbid}ab"
+    sha = "ab" + dbid + "c" * 58
+    run_dir = f"/opt/x/.client.py.deployer/runs/{run_id}"
+    with Journal(tmp_path / "state", secrets=[dbid]) as j:
+        j.start_run(run_id, "upgrade", "inv", ["pi-01"], {})
+        j.step_begin(run_id, "pi-01", "stage", {"run_dir": run_dir, "old_sha256": sha})
+        j.finish_host(
+            run_id, "pi-01", "failed", error={"type": "WrongData", "message": f"dbid {dbid}"}
+        )
+        assert [r.run_id for r in j.runs()] == [run_id]
+        state = j.host_state(run_id, "pi-01")
+        assert (state["run_dir"], state["old_sha256"]) == (run_dir, sha)
+        assert state["error"]["message"] == "dbid ****"
+        assert [s["step"] for s in j.steps(run_id, "pi-01")] == ["stage"]
 
 
 # --- migrations ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ provider's calls and the journal.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -143,7 +144,7 @@ class Fleet:
                 journal.step_begin(run_id, host, step)
         conn = sqlite3.connect(journal_path(self.state))
         with conn:
-            conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (exited_pid(), run_id))
+            conn.execute("UPDATE runs SET pid = ? WHERE pid = ?", (exited_pid(), os.getpid()))
         conn.close()
 
     def facts(self, host: str, run_id: str, **more: Any) -> dict[str, Any]:
@@ -248,3 +249,34 @@ def test_a_host_lost_between_reaching_it_and_disarming_its_guard_is_unsafe_and_s
     assert fleet.lock("pi-01").exists()  # kept for the next recover
     with Journal(fleet.state) as journal:
         assert [(d.run_id, d.host) for d in journal.dangling()] == [(run_id, "pi-01")]
+
+
+# --- item 6: identifiers are stored and compared as they are --------------------------------
+
+SHORT_DBID = "0556"  # a short, numeric credential: its digits turn up in run ids and hashes
+
+
+def test_a_short_dbid_inside_the_run_id_does_not_hide_the_run_dir_or_leave_the_lock(tmp_path):
+    fleet = Fleet(tmp_path, dbids={"pi-01": SHORT_DBID, "pi-02": "DBID-SECRET-2222"})
+    run_id = f"20250101T000000Z-{SHORT_DBID}ab"
+    old_sha = "ab" + SHORT_DBID + "c" * 58
+    paths = fleet.paths("pi-01", run_id)
+    facts = fleet.facts("pi-01", run_id, staged=True, old_sha256=old_sha)
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="stage")
+    fleet.hold_lock("pi-01", run_id)
+    Path(paths.staged).parent.mkdir(parents=True)
+    Path(paths.staged).write_text("# staged new client\n")
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.FAILED, result.error  # nothing had changed
+    assert not Path(paths.run_dir).exists(), "the staged files of the run are left"
+    assert not fleet.lock("pi-01").exists(), "the host lock is left"
+    with Journal(fleet.state) as journal:
+        (run,) = journal.runs()
+        assert run.run_id == run_id
+        state = journal.host_state(run_id, "pi-01")
+        assert state["result"] == "failed"
+        assert not state["lock_maybe_held"]
+        assert (state["run_dir"], state["old_sha256"]) == (paths.run_dir, old_sha)
+        assert journal.dangling() == []

@@ -266,3 +266,21 @@ def test_reports_scrub_a_leaked_raw_credential_as_second_defence():
     for text in reports(run, secrets=[leaked]):
         assert leaked not in text
         assert "…9911" in text
+
+
+def test_a_short_dbid_inside_the_run_id_and_hashes_is_not_masked_in_reports():
+    dbid = "0556"
+    run_id = f"20250101T000000Z-{dbid}ab"
+    sha = "ab" + dbid + "c" * 58
+    error = ErrorInfo("connect", "WrongData", f"wrong data for dbid={dbid} (run {run_id})", 31)
+    host = HostResult("pi-01", Outcome.FAILED, sha, sha, error=error)
+    run = RunResult(run_id, 0.0, 1.0, [host])
+    table, report, junit = reports(run, secrets=[dbid])
+    data = json.loads(report)
+    assert data["run_id"] == run_id
+    assert (data["hosts"][0]["old_sha256"], data["hosts"][0]["new_sha256"]) == (sha, sha)
+    assert data["hosts"][0]["error"]["message"] == f"wrong data for dbid=**** (run {run_id})"
+    assert "dbid=**** (run 20250101T000000Z-0" in table  # the cell is cut at 80 characters
+    suite = parse_junit(junit)
+    assert f'value="{run_id}"' in junit and sha in junit
+    assert all(f"={dbid}" not in (e.text or "") + str(e.attrib) for e in suite.iter())

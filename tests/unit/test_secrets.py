@@ -64,3 +64,37 @@ def test_secret_forms_cover_url_and_literal_quoting():
     for form in ('a"b\\c/d', 'a\\"b\\\\c/d', "a%22b%5Cc%2Fd"):
         assert form in forms
     assert secret_forms(["", " "]) == []
+
+
+# --- where a credential is masked (issue 11, item 6) ------------------------------------------
+
+SHORT = "0556"  # a short numeric dbid: its digits turn up inside run ids, hashes and times
+
+
+def test_a_short_credential_is_masked_on_its_own_but_not_inside_ids_and_hashes():
+    run_id = f"20250101T000000Z-{SHORT}ab"
+    sha = "ab" + SHORT + "c" * 58
+    path = f"/opt/x/.client.py.deployer/runs/{run_id}/new-script"
+    kept = f"run {run_id} sha256 {sha} at {path} took 10556 ms, backup client.py.{SHORT}ffff"
+    assert scrub(kept, [SHORT]) == kept
+    for shown in (
+        f"dbid {SHORT}",
+        f"GET /api/connect?dbid={SHORT}&user_id=u",
+        f"dbid='{SHORT}'",
+        f'{{"dbid": "{SHORT}"}}',
+        f"--dbid={SHORT}\n",
+        f"{SHORT}",
+        f"id_{SHORT}_x",
+    ):
+        masked = scrub(shown, [SHORT])
+        assert SHORT not in masked, shown
+        assert "****" in masked
+
+
+def test_a_long_credential_is_masked_even_inside_a_longer_word():
+    assert scrub(f"x{RAW}y and {RAW}", [RAW]) == f"x{mask(RAW)}y and {mask(RAW)}"
+
+
+def test_a_credential_with_symbols_at_its_ends_is_masked_between_letters():
+    raw = "&a<"
+    assert raw not in scrub(f"b{raw}c", [raw])
