@@ -26,7 +26,7 @@ from typing import Any
 
 from deployer.errors import InventoryError, TemplateError
 from deployer.model import HostConfig, Inventory
-from deployer.secrets import scrub
+from deployer.secrets import scrub, secret_forms
 
 # json.dumps options of the ``tojson`` filter: raw UTF-8 (so characters outside
 # the BMP stay one character in a Python literal), stable key order.
@@ -188,7 +188,7 @@ def render_command(template_str: str, context: dict[str, Any], what: str) -> str
             f"{what}: {problem} in command template; use only host settings, vars and "
             "the names the command gets (see docs/reference/inventory.md)"
         )
-        raise TemplateError(scrub(message, _context_secrets(context))) from None
+        raise TemplateError(scrub(message, secret_forms(_context_secrets(context)))) from None
 
 
 def _context_secrets(context: dict[str, Any]) -> list[str]:

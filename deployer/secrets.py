@@ -30,9 +30,12 @@ What this gives up, on purpose: a short credential glued to letters or digits
 
 from __future__ import annotations
 
+import functools
+import html
 import json
 import logging
 import re
+import shlex
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
@@ -82,6 +85,7 @@ class Secret:
 
 #: a credential form this long is masked anywhere; a shorter one only as a whole token
 WHOLE_TOKEN_BELOW = 12
+FORMS_CACHED = 65536  # credentials whose forms are kept (a fleet has three per host)
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
@@ -107,34 +111,74 @@ def _whole_token(form: str) -> re.Pattern[str]:
 
 
 def secret_forms(values: Iterable[str]) -> list[str]:
-    """Each credential as text may hold it, longest first: raw, URL-encoded, and
-    the inside of a Python or JSON string literal (either quote, escaped
-    backslashes and quotes, ``\\x``/``\\u`` escapes). A script the provider
-    generates writes the ids in whatever quoting it likes; scrubbing every form
-    masks them all. For ids of letters, digits and ``-`` every form is the raw one.
+    """Each credential in every form text may hold it, longest first, computed
+    once per credential (the inventory's ``secret_values``):
+
+    * raw;
+    * URL-encoded: ``quote`` (``/`` kept, as jinja's ``urlencode``), with
+      nothing safe, and ``quote_plus`` (a query);
+    * the inside of a JSON string: ``ensure_ascii`` on and off, and jinja's
+      HTML-safe ``tojson`` (``<`` ``>`` ``&`` ``'`` as ``\\u003c`` …);
+    * the inside of a Python string literal: ``repr``, ``ascii``, either quote
+      with only backslashes and the quote escaped;
+    * shell-quoted: ``shlex.quote`` (the ``quote`` filter) and its inside;
+    * HTML-escaped: jinja's ``e`` filter (``&#39;``, ``&#34;``) and ``html.escape``.
+
+    A script or a command writes the ids in whatever quoting it likes; scrubbing
+    every form masks them all. For ids of letters, digits and ``-`` every form
+    is the raw one.
     """
     forms: set[str] = set()
     for value in values:
         if value and value.strip():
-            forms.update(
-                {
-                    value,
-                    quote(value, safe=""),
-                    quote_plus(value),
-                    json.dumps(value)[1:-1],
-                    json.dumps(value, ensure_ascii=False)[1:-1],
-                    repr(value)[1:-1],
-                    ascii(value)[1:-1],
-                    _escaped(value, "'"),
-                    _escaped(value, '"'),
-                }
-            )
+            forms.update(_forms(value))
     return sorted(forms, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=FORMS_CACHED)
+def _forms(value: str) -> frozenset[str]:
+    """The forms of one credential, computed once (``secret_values`` runs often)."""
+    json_ascii, json_utf8 = json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]
+    shell = shlex.quote(value)
+    return frozenset(
+        {
+            value,
+            quote(value),
+            quote(value, safe=""),
+            quote_plus(value),
+            json_ascii,
+            json_utf8,
+            _html_safe_json(json_ascii),
+            _html_safe_json(json_utf8),
+            repr(value)[1:-1],
+            ascii(value)[1:-1],
+            _escaped(value, "'"),
+            _escaped(value, '"'),
+            shell,
+            shell[1:-1] if shell.startswith("'") and shell.endswith("'") else shell,
+            html.escape(value),
+            _jinja_escaped(value),
+        }
+    )
 
 
 def _escaped(value: str, quote_char: str) -> str:
     """``value`` inside a ``quote_char`` string literal with only ``\\`` and the quote escaped."""
     return value.replace("\\", "\\\\").replace(quote_char, "\\" + quote_char)
+
+
+def _html_safe_json(text: str) -> str:
+    """JSON as jinja's ``tojson`` leaves it (``jinja2.utils.htmlsafe_json_dumps``)."""
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
+        text = text.replace(char, escape)
+    return text
+
+
+def _jinja_escaped(value: str) -> str:
+    """``value`` as jinja's ``e`` filter (markupsafe) writes it."""
+    for char, escape in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("'", "&#39;")):
+        value = value.replace(char, escape)
+    return value.replace('"', "&#34;")
 
 
 class RedactingFilter(logging.Filter):

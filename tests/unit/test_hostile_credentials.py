@@ -1,0 +1,211 @@
+"""Credentials with ``& ' < > " \\`` in them are masked in every form that the
+templates and commands can give them (issue 11, item 5): jinja's ``tojson``
+(HTML-safe: ``<`` -> ``\\u003c``, ``&`` -> ``\\u0026``, ``'`` -> ``\\u0027``),
+JSON's ``\\"`` and ``\\\\``, ``shlex.quote``, URL encoding, ``repr``, HTML
+escaping. Judged by two fragments of each credential that every one of its
+forms carries verbatim: neither may reach the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from pathlib import Path
+
+import pytest
+
+from deployer.clock import FakeClock
+from deployer.inventory import load_inventory
+from deployer.plan import plan_host
+from deployer.report import render_table, to_json_text, to_junit_xml
+from deployer.result import Outcome, RunResult
+from deployer.secrets import RedactingFilter, scrub
+from deployer.workflow import HostRun, RunContext, UpgradeOptions
+from tests.doubles import PYTHON, FakeApi, Recorder, RemoteFactory
+
+pytestmark = pytest.mark.unit
+
+# each carries two fragments (A1b2/C3d4, E5f6/G7h8) that any form of it shows verbatim
+DBID = "dbid-A1b2'&\"<>\\C3d4-2222"
+USER_ID = "uid-E5f6&<'>\"\\G7h8 1111"
+FRAGMENTS = ("A1b2", "C3d4", "E5f6", "G7h8")
+
+# every form a template or a command template can give a credential
+FORMS_TEMPLATE = """\
+# client for {{ host }}
+DBID = {{ dbid | tojson }}
+USER_ID = {{ provider.user_id | tojson }}
+PLAIN = "{{ dbid }} {{ provider.user_id }}"
+SHELL = {{ dbid | quote }} {{ provider.user_id | quote }}
+URL = "{{ provider.api_url }}?uid={{ provider.user_id | urlencode }}&dbid={{ dbid | urlencode }}"
+HTML = "{{ dbid | e }} {{ provider.user_id | e }}"
+ASCII = {{ {"d": dbid, "u": provider.user_id} | tojson }}
+"""
+
+# a validate command that fails and prints the credentials in several quotings
+VALIDATE = (
+    "printf '%s\\n' {{ dbid | quote }} {{ dbid | tojson | quote }} "
+    "{{ provider.user_id | urlencode | quote }} {{ provider.user_id | tojson | quote }}; "
+    "{{ python | quote }} -c 'import json, sys; print(repr(sys.argv[1:]), "
+    "json.dumps(sys.argv[1:]))' {{ dbid | quote }} {{ provider.user_id | quote }}; exit 1"
+)
+
+INVENTORY = """\
+[provider]
+api_url = "http://127.0.0.1:9/api/{{call}}"
+ssh_host = "127.0.0.1"
+user_id = {user_id}
+offline_detection = 0.3
+
+[defaults]
+template = "forms.py.j2"
+python = {python}
+online_timeout = 3
+stable_for = 0.5
+validate = {validate}
+
+[defaults.service]
+kind = "pidfile"
+pidfile = {pidfile}
+run = "true"
+
+[hosts.pi-01]
+dbid = {dbid}
+host_uuid = "UUID-SECRET-3333"
+ports_id = 1234
+ssh_port = 12345
+script_path = {script}
+"""
+
+
+def toml_str(value: object) -> str:
+    """A TOML basic string (its escapes are JSON's for these values)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def write_inventory(root: Path) -> Path:
+    script = root / "opt" / "client.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("# the old client\n")
+    (root / "forms.py.j2").write_text(FORMS_TEMPLATE)
+    path = root / "deployer.toml"
+    path.write_text(
+        INVENTORY.format(
+            user_id=toml_str(USER_ID),
+            dbid=toml_str(DBID),
+            python=toml_str(PYTHON),
+            validate=toml_str(VALIDATE),
+            pidfile=toml_str(root / "client.pid"),
+            script=toml_str(script),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def leaked(text: str) -> list[str]:
+    return [f for f in FRAGMENTS if f in text]
+
+
+@pytest.fixture
+def inventory(tmp_path):
+    return load_inventory(write_inventory(tmp_path))
+
+
+def host_run(inventory, options: UpgradeOptions):
+    host = inventory.hosts["pi-01"]
+    plan = plan_host(inventory, host, "run-hostile")
+    ctx = RunContext(
+        run_id="run-hostile",
+        inventory=inventory,
+        api=FakeApi(),
+        remote_factory=RemoteFactory(),
+        options=options,
+        events=Recorder(),
+        clock=FakeClock(),
+    )
+    return HostRun(ctx, plan).execute(), ctx.events
+
+
+def reports(result) -> list[str]:
+    run = RunResult("run-hostile", 0.0, 1.0, [result])
+    return [to_json_text(run), render_table(run), to_junit_xml(run)]
+
+
+def test_the_fixture_really_prints_every_form(inventory):
+    from deployer.render import render_script
+
+    text = render_script(inventory, inventory.hosts["pi-01"]).text
+    for raw in (DBID, USER_ID):
+        assert raw in text  # PLAIN
+        assert shlex.quote(raw) in text  # SHELL
+    assert "\\u003c" in text and "\\u0026" in text and "\\u0027" in text  # HTML-safe tojson
+    assert "&amp;" in text and "%26" in text  # HTML, URL
+
+
+def test_a_dry_run_diff_masks_every_form_of_hostile_credentials(inventory):
+    result, _ = host_run(inventory, UpgradeOptions(dry_run=True))
+    assert result.result is Outcome.PLANNED, result.error
+    assert "+SHELL = " in result.diff
+    assert leaked(result.diff) == [], result.diff
+
+
+def test_a_failing_validate_that_echoes_hostile_credentials_is_masked(inventory):
+    result, events = host_run(inventory, UpgradeOptions())
+    assert result.result is Outcome.FAILED
+    assert "validate command failed" in result.error.message
+    assert leaked(result.error.message) == [], result.error.message
+    for text in reports(result) + events.messages:
+        assert leaked(text) == [], text
+
+
+def test_the_log_masks_every_form_of_hostile_credentials(inventory, caplog):
+    from deployer.render import render_script
+
+    text = render_script(inventory, inventory.hosts["pi-01"]).text
+    records: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    logger = logging.getLogger("deployer.test_hostile")
+    handler = Capture()
+    handler.addFilter(RedactingFilter(inventory.secret_values()))
+    logger.addHandler(handler)
+    try:
+        for line in text.splitlines():
+            logger.warning("script line: %s", line)
+        logger.warning("argv %r", [DBID, USER_ID])
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == len(text.splitlines()) + 1
+    for record in records:
+        assert leaked(record) == [], record
+
+
+def test_scrub_masks_each_quoting_of_a_hostile_credential(inventory):
+    from urllib.parse import quote, quote_plus
+
+    import markupsafe
+
+    forms = {
+        "raw": DBID,
+        "json": json.dumps(DBID),
+        "json raw utf-8": json.dumps(DBID, ensure_ascii=False),
+        "html-safe json": json.dumps(DBID)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("'", "\\u0027"),
+        "shlex": shlex.quote(DBID),
+        "repr": repr(DBID),
+        "url": quote(DBID),
+        "url (no safe)": quote(DBID, safe=""),
+        "url (query)": quote_plus(DBID),
+        "html": str(markupsafe.escape(DBID)),
+    }
+    secrets = inventory.secret_values()
+    for name, form in forms.items():
+        assert leaked(scrub(f"x {form} y", secrets)) == [], name
