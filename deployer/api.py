@@ -227,10 +227,19 @@ class ProviderAPI:
         return self.call("client_status", host)["error_code"] == 0
 
     def set_allow_clientless(
-        self, host: HostConfig, allow: bool, *, retry: RetryPolicy | None = None
+        self,
+        host: HostConfig,
+        allow: bool,
+        *,
+        retry: RetryPolicy | None = None,
+        within: float | None = None,
     ) -> None:
-        """Set allow-clientless; returns only once the reply confirms ``allow``."""
-        self.call("set_allow_clientless", host, allow=allow, retry=retry)
+        """Set allow-clientless; returns only once the reply confirms ``allow``.
+
+        ``within``: seconds after which no request may still be under way (no
+        limiter slot, no retry, no HTTP request that could land later): opening
+        the window must not land after the armed guard stopped waiting for it."""
+        self.call("set_allow_clientless", host, allow=allow, retry=retry, within=within)
 
     def get_client_script(self, host: HostConfig) -> str:
         """The script the provider generated for ``host``'s ``client_id`` (SPEC 1b).
@@ -248,11 +257,16 @@ class ProviderAPI:
         *,
         allow: bool | None = None,
         retry: RetryPolicy | None = None,
+        within: float | None = None,
     ) -> dict[str, Any]:
-        """Make ``call`` for ``host`` under ``retry``; return the provider's reply
-        (credentials it echoed masked)."""
+        """Make ``call`` for ``host`` under ``retry`` (and, given ``within``, done
+        within that many seconds); return the provider's reply (credentials it
+        echoed masked)."""
         self._check(call, allow, host)
-        reply = self._with_retries(call, host, allow, retry or self.retry, raw=False)
+        not_after = None if within is None else self._clock.now() + within
+        reply = self._with_retries(
+            call, host, allow, retry or self.retry, raw=False, not_after=not_after
+        )
         return self._masked(reply, host)
 
     def raw_call(self, call: str, host: HostConfig, allow: bool | None = None) -> dict[str, Any]:
@@ -281,16 +295,22 @@ class ProviderAPI:
             )
 
     def _with_retries(
-        self, call: str, host: HostConfig, allow: bool | None, policy: RetryPolicy, raw: bool
+        self,
+        call: str,
+        host: HostConfig,
+        allow: bool | None,
+        policy: RetryPolicy,
+        raw: bool,
+        not_after: float | None = None,
     ) -> dict[str, Any]:
         start = self._clock.now()
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self._attempt(call, host, allow, raw)
+                return self._attempt(call, host, allow, raw, not_after)
             except ApiError as exc:
-                wait = self._next_wait(policy, exc, attempt, start)
+                wait = self._next_wait(policy, exc, attempt, start, not_after)
                 if wait is None:
                     self._give_up(exc, attempt, policy)
                     raise
@@ -298,11 +318,19 @@ class ProviderAPI:
             self._clock.sleep(wait)
 
     def _next_wait(
-        self, policy: RetryPolicy, exc: ApiError, attempt: int, start: float
+        self,
+        policy: RetryPolicy,
+        exc: ApiError,
+        attempt: int,
+        start: float,
+        not_after: float | None = None,
     ) -> float | None:
         if not policy.should_retry(exc) or attempt >= policy.attempts_for(exc):
             return None
-        remaining = start + policy.deadline - self._clock.now()
+        end = start + policy.deadline
+        if not_after is not None:  # the next try must be able to finish in time
+            end = min(end, not_after - self.provider.timeout)
+        remaining = end - self._clock.now()
         if remaining <= 0:
             return None
         return min(policy.delay(attempt - 1, self._rng), remaining)
@@ -322,9 +350,20 @@ class ProviderAPI:
         self._events.message(host.name, text)
 
     def _attempt(
-        self, call: str, host: HostConfig, allow: bool | None, raw: bool
+        self,
+        call: str,
+        host: HostConfig,
+        allow: bool | None,
+        raw: bool,
+        not_after: float | None = None,
     ) -> dict[str, Any]:
-        self.limiter.acquire()
+        if not_after is None:
+            self.limiter.acquire()
+        else:  # a slot late enough that the request could land after not_after: none
+            max_wait = not_after - self.provider.timeout - self._clock.now()
+            if max_wait < 0 or not self.limiter.acquire(max_wait=max_wait):
+                why = "no API call slot in the time left (the shared rate limit is busy)"
+                raise self._error(ApiTransientError, call, host, why)
         with self._lock:
             self._calls[host.name] += 1
         started = self._clock.now()

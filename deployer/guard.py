@@ -60,6 +60,8 @@ POLL = 0.1  # seconds between looks at the control files and the client
 GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window
 READY_POLL = 0.2  # seconds between runs of the service's ready probe
 STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
+SLOW_STOP_WAIT = 30.0  # more seconds for a client whose stop is asynchronous (command kind)
+ABORT_GRACE = 120.0  # seconds an aborted guard keeps a late-exiting old client running
 REVERT_ONLINE_WAIT = 30.0  # default seconds to wait for the restored client's evidence
 CLOSE_WINDOW_FOR = 90.0  # seconds to keep retrying set_allow_clientless(false)
 DISCONNECT_FOR = 30.0  # seconds to keep retrying disconnect for a vanished deployer
@@ -103,15 +105,8 @@ class Guard:
         backup = self.backup()
         if self.service.running():
             self.service.stop()
-            if self.service.running():
-                closed = self.close_window()
-                self.status(
-                    "aborted",
-                    reason="the old client did not stop",
-                    changed=False,
-                    window_closed=closed,
-                )
-                return 1
+            if self.service.running() and not self.wait_stopped(SLOW_STOP_WAIT):
+                return self.keep_old_client("the old client did not stop")
         self.status("stopped")
         try:
             os.replace(cfg["staged_path"], cfg["script_path"])
@@ -126,6 +121,46 @@ class Guard:
             return self.watch(started, backup)
         except Exception as exc:  # noqa: BLE001 - any surprise before commit: undo
             return self.revert("guard error: %s: %s" % (type(exc).__name__, exc), backup)
+
+    def wait_stopped(self, seconds):
+        """A stop command may return before the client has exited (an asynchronous
+        ``stop`` of the command kind, a client in its retry backoff): give it more
+        time. False if it still runs, or deployer asked to give up meanwhile."""
+        self.status("stopping", reason="the old client is slow to stop", wait=seconds)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if not self.service.running():
+                return True
+            if self.control("revert") or self.terminated:
+                return False
+            time.sleep(POLL)
+        return not self.service.running()
+
+    def keep_old_client(self, reason):
+        """Nothing was changed, but the old client has been told to stop and may
+        still exit later: keep it running. The window is closed now (the old
+        client runs, its tunnel stays); for ``ABORT_GRACE`` seconds an exit is
+        answered with a start, until another run takes the host lock."""
+        closed = self.close_window()
+        self.status("aborted", reason=reason, changed=False, window_closed=closed)
+        end = time.monotonic() + ABORT_GRACE
+        while time.monotonic() < end and not self.lock_taken_by_another_run():
+            if not self.service.running():
+                self.service.start()
+                log("the old client exited after its stop was given up: started it again")
+            time.sleep(POLL * 5)
+        return 1
+
+    def lock_taken_by_another_run(self):
+        """This run's host lock (``base/lock/owner``) now names another run."""
+        base = os.path.dirname(os.path.dirname(self.run_dir))
+        try:
+            with open(os.path.join(base, "lock", "owner")) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            return False  # no lock: deployer is done with the host, nobody else started
+        run_id = os.path.basename(self.run_dir)
+        return isinstance(owner, dict) and owner.get("run_id") not in (None, run_id)
 
     def wait_for_go(self):
         """Armed before the window opens; the swap starts when ``go`` appears.
@@ -258,6 +293,10 @@ class Guard:
         if backup:
             tmp = cfg["script_path"] + ".deployer-restore"
             shutil.copy2(backup, tmp)
+            if os.path.exists(cfg["script_path"]):
+                # the inventory's mode (a 0750 script read by a group member), not
+                # the backup's owner-only one
+                shutil.copymode(cfg["script_path"], tmp)
             fsync_file(tmp)
             os.replace(tmp, cfg["script_path"])
         mark = self.mark("restore-mark")
@@ -450,6 +489,12 @@ class PidfileService:
                 if not self.running():
                     return
                 time.sleep(0.05)
+
+
+def log(message):
+    """A line in the guard's log (its stderr, guard.log in the run dir)."""
+    sys.stderr.write("%s guard: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), message))
+    sys.stderr.flush()
 
 
 def pid_alive(pid):

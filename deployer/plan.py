@@ -149,7 +149,7 @@ def guard_config(
         "service": plan.service,
         "deadline": plan.guard_deadline,
         "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * provider.timeout,
-        "go_deadline": min(plan.guard_deadline, GO_DEADLINE),
+        "go_deadline": go_deadline(plan),
         # deployer may be unheard while it reaches the host again after the swap
         "silence_limit": max(
             SILENCE_MIN + 3 * provider.timeout, SILENCE_MIN + provider.tunnel_timeout
@@ -169,6 +169,12 @@ def guard_config(
             },
         },
     }
+
+
+def go_deadline(plan: HostPlan) -> float:
+    """Seconds an armed guard waits for ``go`` before it gives up (and closes the
+    window deployer may have opened)."""
+    return min(plan.guard_deadline, GO_DEADLINE)
 
 
 def revert_online_wait(offline_detection: float) -> float:

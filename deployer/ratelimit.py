@@ -69,19 +69,26 @@ class RateLimiter:
         with self._lock:
             return self._effective
 
-    def _reserve(self) -> float:
-        """Reserve the next slot; return the time it starts."""
+    def _reserve(self, max_wait: float | None = None) -> float | None:
+        """Reserve the next slot; return the time it starts (None, and nothing
+        reserved, if it starts more than ``max_wait`` seconds from now)."""
         with self._lock:
             now = self._clock.now()
             interval = 1.0 / self._effective
             tat = now if self._tat is None else max(self._tat, now)
             slot = max(now, tat - (self.burst - 1.0) * interval)
+            if max_wait is not None and slot - now > max_wait:
+                return None
             self._tat = tat + interval
             return slot
 
-    def acquire(self, cancel: threading.Event | None = None) -> bool:
-        """Block until a call may be made. False if ``cancel`` was set meanwhile."""
-        slot = self._reserve()
+    def acquire(self, cancel: threading.Event | None = None, max_wait: float | None = None) -> bool:
+        """Block until a call may be made. False if ``cancel`` was set meanwhile, or
+        if no slot starts within ``max_wait`` seconds (then nothing is reserved:
+        a caller with a deadline never waits past it in the queue)."""
+        slot = self._reserve(max_wait)
+        if slot is None:
+            return False
         wait = slot - self._clock.now()
         if wait > 0:
             return not self._clock.sleep(wait, cancel)

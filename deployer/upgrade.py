@@ -165,13 +165,31 @@ def run_upgrade(
     finally:
         run.finished = time.time()
         run.interrupted = rollout.interrupted
-        events.run_finished(run_id)
+        _finish_quietly(run_id, lambda: events.run_finished(run_id))
         if journal:
-            journal.finish_run(run_id, ok=run.ok, interrupted=run.interrupted)
-            journal.close()
+            ok, interrupted = run.ok, run.interrupted
+            _finish_quietly(
+                run_id, lambda: journal.finish_run(run_id, ok=ok, interrupted=interrupted)
+            )
+            _finish_quietly(run_id, journal.close)
         if own_api:
             api.close()
     return run
+
+
+def _finish_quietly(run_id: str, action) -> None:
+    """The end of a run is reported even when the journal (or a sink) cannot
+    write it: the hosts' results stand; ``recover`` may revisit the run."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - disk full, read-only, locked: all alike
+        log.error(
+            "run %s: could not record its end (%s: %s); its report stands, and "
+            "`deployer recover` may revisit its hosts",
+            run_id,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _settle(request: UpgradeRequest, plans: dict[str, HostPlan], api):

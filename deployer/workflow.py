@@ -40,6 +40,7 @@ from deployer.errors import (
     VerifyError,
 )
 from deployer.events import EventSink
+from deployer.guard import SLOW_STOP_WAIT, STOP_WAIT
 from deployer.hostfiles import (
     list_backups,
     loose_mode_warning,
@@ -53,7 +54,7 @@ from deployer.hostfiles import (
     take_lock,
 )
 from deployer.model import HostConfig, Inventory
-from deployer.plan import HostPlan, guard_config, render_guard, revert_online_wait
+from deployer.plan import HostPlan, go_deadline, guard_config, render_guard, revert_online_wait
 from deployer.remote import CommandResult, Remote, sh, sha256_hex
 from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
 from deployer.retry import HARD_RETRY
@@ -64,6 +65,9 @@ log = logging.getLogger("deployer.workflow")
 GUARD_POLL = 0.05  # seconds between looks at the guard's status while it swaps
 EVIDENCE_POLL = 0.25  # seconds between looks at the guard while waiting out offline detection
 SSH_RETRY = (0.25, 1.5, 2.0)  # reaching a host while its tunnel comes up: first delay, factor, cap
+OPEN_MARGIN = 15.0  # seconds opening the window ends before the armed guard's go deadline
+# the guard's stop of the old client: SIGTERM wait, SIGKILL wait, the slow-stop wait, margin
+SWAP_WAIT = STOP_WAIT + 3.0 + SLOW_STOP_WAIT + 10.0
 STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap
 SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
@@ -126,6 +130,10 @@ class HostRun:
         self.guard_armed = False
         self.keep_lock = False  # an undisarmed guard: the lock stays, recover finishes
         self.unwinding = False  # rolling back or cleaning up: an abort no longer cuts waits short
+        self.armed_at: float | None = None  # when the guard was started armed (deployer's clock)
+        self.commit_requested = False  # `commit` was written: a revert must not race it
+        self.tunnel_ours = False  # we held the host lock: no other run can ride on the tunnel
+        self.journal_failed = False  # a journal or event sink write failed while unwinding
         self.backup_path: str | None = None
 
     # -- the run ------------------------------------------------------------------
@@ -138,8 +146,9 @@ class HostRun:
         from the facts it journalled before each action."""
         self.swap_started = bool(facts.get("swap_started"))
         self.committed = bool(facts.get("committed"))
+        self.commit_requested = bool(facts.get("commit_requested"))
         self.tunnel_opened = bool(facts.get("tunnel_opened"))
-        self.locked = bool(facts.get("lock_maybe_held"))
+        self.locked = self.tunnel_ours = bool(facts.get("lock_maybe_held"))
         self.guard_armed = bool(facts.get("guard_armed"))
         self.old_sha = facts.get("old_sha256")
         self.new_sha = facts.get("new_sha256")
@@ -151,9 +160,9 @@ class HostRun:
 
     def _run(self, body: Callable[[], Outcome]) -> HostResult:
         started = self.clock.now()
-        self.ctx.events.host_started(self.host.name)
         error = None
         try:
+            self._event("host_started", self.host.name)
             outcome = body()
         except BaseException as exc:  # noqa: BLE001 - Ctrl-C too: unwind, then report
             error = ErrorInfo.from_exception(exc, self.step_name)
@@ -175,7 +184,7 @@ class HostRun:
             diff=self.diff,
             installed_mode=self.installed_mode,
         )
-        self.ctx.events.host_finished(result)
+        self._event("host_finished", result)
         return result
 
     def _forward(self) -> Outcome:
@@ -202,7 +211,7 @@ class HostRun:
         if self.abort.is_set():
             raise Interrupted("interrupted: rolling back", host=self.host.name, step=name)
         self.step_name = name
-        self.ctx.events.step_started(self.host.name, name)
+        self._event("step_started", self.host.name, name)
         t0 = self.clock.now()
         try:
             value = action()
@@ -215,12 +224,43 @@ class HostRun:
     def _record(self, name: str, status: str, t0: float) -> None:
         seconds = self.clock.now() - t0
         self.steps.append(StepRecord(name, status, seconds))
-        self.ctx.events.step_finished(self.host.name, name, status, seconds)
+        self._event("step_finished", self.host.name, name, status, seconds)
 
     def _note(self, **facts: Any) -> None:
-        """Journal what a later recover must know, before the action it describes."""
-        if self.ctx.journal is not None:
+        """Journal what a later recover must know, before the action it describes.
+
+        Going forward, a journal that cannot write stops the run before the
+        action (which is then unwound). While unwinding, it must not stop the
+        undo: the host's safety never depends on the journal."""
+        if self.ctx.journal is None:
+            return
+        try:
             self.ctx.journal.update_host(self.ctx.run_id, self.host.name, **facts)
+        except Exception as exc:  # noqa: BLE001 - disk full, read-only, locked: all alike
+            if not self.unwinding:
+                raise
+            self._journal_lost(exc)
+
+    def _event(self, name: str, *args: Any) -> None:
+        """Tell the event sinks (live view, journal); while unwinding, a sink that
+        fails is reported and the undo goes on."""
+        try:
+            getattr(self.ctx.events, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - a broken sink must not stop the undo
+            if not self.unwinding:
+                raise
+            if name != "message":
+                self._journal_lost(exc)
+
+    def _journal_lost(self, exc: Exception) -> None:
+        if self.journal_failed:
+            return
+        self.journal_failed = True
+        log.warning("%s: journal/events failed while unwinding: %s", self.host.name, exc)
+        self._message(
+            f"the journal could not record the end of this host ({type(exc).__name__}); "
+            "its facts may be stale: `deployer recover` may revisit it"
+        )
 
     def _check_abort(self) -> None:
         if self.abort.is_set():
@@ -328,7 +368,7 @@ class HostRun:
         except LockHeld:
             self._leave_tunnel_to_the_lock_holder()
             raise
-        self.locked = True
+        self.locked = self.tunnel_ours = True
 
     def _inspect(self) -> bool:
         """True if there is something to install. Warns (without failing the host)
@@ -344,6 +384,8 @@ class HostRun:
         if self.ctx.options.dry_run:
             if read_lock(self.remote, self.paths) is not None:
                 self._leave_tunnel_to_the_lock_holder()  # a run is in progress there
+            else:
+                self.tunnel_ours = True  # no run holds the host: nobody else rides on it
             self.diff = self._diff()
             return self.old_sha != self.new_sha or self.ctx.options.force
         return self.old_sha != self.new_sha or self.ctx.options.force
@@ -411,6 +453,7 @@ class HostRun:
         """Start the guard before the window opens; it waits for ``go`` (the swap)."""
         self._note(guard_armed=True)
         self.guard_armed = True
+        self.armed_at = self.clock.now()  # before the guard starts its go deadline
         res = self.remote.run(
             f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
         )
@@ -422,9 +465,15 @@ class HostRun:
             ) from None
 
     def _open_window(self) -> None:
+        """Open the window; while an armed guard waits for ``go``, the call must be
+        over (no slot, retry or request left that could land later) before that
+        guard gives up, or a window could open that nothing on the host closes."""
+        within = None
+        if self.armed_at is not None and not self.swap_started:
+            within = self.armed_at + go_deadline(self.plan) - OPEN_MARGIN - self.clock.now()
         self._note(window_maybe_open=True)
         self.window_open_since = self.clock.now()
-        self.api.set_allow_clientless(self.host, True)
+        self.api.set_allow_clientless(self.host, True, within=within)
 
     def _swap(self) -> None:
         self._note(swap_started=True)
@@ -442,10 +491,18 @@ class HostRun:
         new client (so the old client's polls have aged out). Until then the
         window stays open: a new client that never reaches the provider must not
         have its tunnel cut."""
+        self._await_started()
         if self.plan.service.get("ready"):
             self._await_ready()
         else:
             self._await_fresh_online()
+
+    def _await_started(self) -> None:
+        """The guard stops the old client (a slow stop gets more time), swaps and
+        starts the new one; online_timeout counts from that start."""
+        deadline = self.clock.now() + SWAP_WAIT
+        while self._guard_state() not in WATCHING_STATES:
+            self._wait(deadline, GUARD_POLL, "started by the guard", SWAP_WAIT)
 
     def _await_ready(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
@@ -454,8 +511,6 @@ class HostRun:
 
     def _await_fresh_online(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
-        while self._guard_state() not in ("started", "ready"):
-            self._wait(deadline, GUARD_POLL, "started by the guard")
         aged = self.clock.now() + self.ctx.inventory.provider.offline_detection
         deadline = max(deadline, aged + self.plan.online_timeout)
         first, factor, cap = STATUS_BACKOFF
@@ -471,10 +526,11 @@ class HostRun:
             self._wait(deadline, delay, "online")
             delay = min(delay * factor, cap)
 
-    def _wait(self, deadline: float, delay: float, what: str) -> None:
+    def _wait(self, deadline: float, delay: float, what: str, limit: float | None = None) -> None:
         if self.clock.now() + delay > deadline:
+            within = f"{limit:g}s" if limit else f"online_timeout ({self.plan.online_timeout:g}s)"
             raise ClientOffline(
-                f"new client not {what} within online_timeout ({self.plan.online_timeout:g}s)",
+                f"new client not {what} within {within}",
                 host=self.host.name,
                 step=self.step_name,
             )
@@ -521,6 +577,7 @@ class HostRun:
 
     def _commit(self) -> None:
         self._note(commit_requested=True)
+        self.commit_requested = True
         self._on_host(sh("touch", self.paths.control("commit")))
         end = self.clock.now() + COMMIT_WAIT
         while self.clock.now() < end:
@@ -573,7 +630,7 @@ class HostRun:
         if not self.swap_started:
             return self._undo_before_swap()
         t0 = self.clock.now()
-        self.ctx.events.step_started(self.host.name, "rollback")
+        self._event("step_started", self.host.name, "rollback")
         outcome = self._revert()
         self._record("rollback", "ok" if outcome is Outcome.ROLLED_BACK else "failed", t0)
         return outcome
@@ -593,6 +650,16 @@ class HostRun:
                 self._message(f"could not close the allow-clientless window: {exc}")
                 outcome = Outcome.UNSAFE
         return outcome
+
+    def _leave_tunnel(self) -> None:
+        """We connected, but never held the host lock: another run may be using
+        this tunnel right now (its connect came first), so it is not ours to close."""
+        self.tunnel_opened = False
+        self._note(tunnel_opened=False)
+        self._message(
+            "left the tunnel open: deployer did not hold the host lock, so another run "
+            f"may be using it; if none is, close it with `deployer api disconnect {self.host.name}`"
+        )
 
     def _leave_tunnel_to_the_lock_holder(self) -> None:
         """Another deployer works on this host through the same tunnel: never close it."""
@@ -625,25 +692,46 @@ class HostRun:
                 self._reattach()
             lines = self._guard_lines()
             state = lines[-1].get("state", "") if lines else ""
+            if self.commit_requested and state in WATCHING_STATES:
+                state = self._await_guard_final(COMMIT_WAIT)  # never race a commit
             if state == "committed":
-                self.committed = True
-                return Outcome.UPGRADED
+                return self._committed_after_all()
             if not lines and self._installed() == self.old_sha:
                 return Outcome.FAILED  # the guard never ran: nothing changed
             if state not in ("reverted", "aborted"):
                 # a guard that hit an error no longer reads its control files
                 alive = bool(lines) and state != "error" and self._guard_alive(lines[0].get("pid"))
                 state = self._ask_guard_to_revert(relaunch=not alive)
+            if state == "committed":  # our commit reached the guard before the revert
+                return self._committed_after_all()
             self._shut_window()
             last = self._guard_last()
+            self._verify_old_client()  # also when nothing changed: the old client runs?
             if state == "aborted" and not last.get("changed", True):
                 return Outcome.FAILED
-            self._verify_old_client()
             return Outcome.ROLLED_BACK
         except Exception as exc:  # noqa: BLE001 - whatever happened, end state unknown
             self._message(f"rollback could not be verified: {type(exc).__name__}: {exc}")
             self._shut_window_quietly()
             return Outcome.UNSAFE
+
+    def _await_guard_final(self, seconds: float) -> str:
+        """The guard's state once it is final (committed, reverted, aborted), or
+        whatever it is after ``seconds``."""
+        end = self.clock.now() + seconds
+        state = self._guard_last().get("state", "")
+        while state not in FINAL_GUARD_STATES and self.clock.now() < end:
+            self.clock.sleep(GUARD_POLL)
+            state = self._guard_last().get("state", "")
+        return state
+
+    def _committed_after_all(self) -> Outcome:
+        """The guard took the commit: the new script stays, whatever failed after."""
+        self.committed = True
+        self._note(committed=True)
+        if self.window_open_since is not None:
+            self._shut_window()
+        return Outcome.UPGRADED
 
     def _recover(self) -> Outcome:
         if self.window_open_since is not None:
@@ -758,7 +846,7 @@ class HostRun:
     def _cleanup(self, outcome: Outcome) -> Outcome:
         self.unwinding = True
         t0 = self.clock.now()
-        self.ctx.events.step_started(self.host.name, "cleanup")
+        self._event("step_started", self.host.name, "cleanup")
         status = "ok"
         if self.window_open_since is not None:  # never leave it open, whatever happened
             try:
@@ -780,6 +868,8 @@ class HostRun:
             self.remote.close()
         elif self.remote is not None:
             self.remote.close()
+        if self.tunnel_opened and not self.tunnel_ours:
+            self._leave_tunnel()
         if self.tunnel_opened:
             try:
                 self.api.disconnect(self.host)
@@ -805,4 +895,4 @@ class HostRun:
             self._note(lock_maybe_held=False)
 
     def _message(self, text: str) -> None:
-        self.ctx.events.message(self.host.name, scrub(text, self.ctx.inventory.secret_values()))
+        self._event("message", self.host.name, scrub(text, self.ctx.inventory.secret_values()))

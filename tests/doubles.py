@@ -293,6 +293,7 @@ class FakeApi:
         self.tunnel_open = False
         self.injections: list[Injection] = []
         self.on_call: Callable[[str, bool | None], None] | None = None
+        self.within: list[float | None] = []  # each set_allow_clientless's time budget
         self.scripts: dict[str, str] = {}  # host -> what get_client_script answers
         self._lock = threading.Lock()
 
@@ -331,7 +332,10 @@ class FakeApi:
         self._call("disconnect", host)
         self.tunnel_open = False
 
-    def set_allow_clientless(self, host: Any, allow: bool, *, retry: Any = None) -> None:
+    def set_allow_clientless(
+        self, host: Any, allow: bool, *, retry: Any = None, within: float | None = None
+    ) -> None:
+        self.within.append(within)
         self._call("set_allow_clientless", host, allow)
         if allow and not self.allow:
             self.exposures.append([self.clock(), None])

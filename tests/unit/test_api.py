@@ -686,3 +686,17 @@ def test_reprs_hold_no_api_key_or_client_id(make_api):
     api = make_api()
     for text in (repr(api), repr(api.provider), repr(PROVIDER_HOST), str(api.provider)):
         assert leaks(text) == [], text
+
+
+def test_opening_within_a_budget_never_waits_for_a_slot_past_it(serve, make_api, clock):
+    """The shared limiter is busy for the next minute: a call that must be over
+    within 20 s sends nothing and fails at once, instead of landing later."""
+    script = serve(reply(allow_clientless=True))
+    limiter = RateLimiter(1.0 / 60, clock)
+    api = make_api(limiter=limiter)
+    assert limiter.acquire()  # someone took the only slot of this minute
+    t0 = clock.now()
+    with pytest.raises(ApiTransientError, match="no API call slot"):
+        api.set_allow_clientless(HOST, True, within=20.0)
+    assert clock.now() - t0 < 20.0
+    assert script.count == 0

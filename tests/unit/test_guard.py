@@ -389,9 +389,16 @@ def test_armed_guard_without_go_closes_the_window_itself(host, provider):
 
 
 def fast_stop(source: bytes) -> bytes:
-    """The guard with a short stop timeout (8 s as shipped), to keep the test quick."""
-    assert b"STOP_WAIT = 8.0" in source
-    return source.replace(b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3", 1)
+    """The guard with short stop waits (8 s, then 30 s more for a slow stop, as
+    shipped) and a short grace after giving up, to keep the test quick."""
+    for old, new in (
+        (b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3"),
+        (b"SLOW_STOP_WAIT = 30.0", b"SLOW_STOP_WAIT = 0.5"),
+        (b"ABORT_GRACE = 120.0", b"ABORT_GRACE = 3.0"),
+    ):
+        assert old in source
+        source = source.replace(old, new, 1)
+    return source
 
 
 def test_old_client_that_will_not_stop_aborts_and_closes_the_window(host, provider):
@@ -591,3 +598,87 @@ def test_an_armed_guard_of_a_vanished_deployer_disconnects_too(host, provider):
     host.start_guard(go=False, go_deadline=0.3, api=provider.api_config(), tunnel_opened=True)
     aborted = host.wait_state("aborted")
     assert aborted["disconnected"] is True and provider.api.count("disconnect") == 1
+
+
+# --- issue 11: a slow-stopping old client, a restored script's mode ---------------------
+
+
+def command_service(host: Host, stop_after: float) -> dict:
+    """The command kind with an asynchronous stop: it returns at once, the client
+    exits ``stop_after`` seconds later (a client in its retry backoff)."""
+    import shlex
+
+    pidfile, log = shlex.quote(str(host.pidfile)), shlex.quote(str(host.root / "client.log"))
+    return {
+        "kind": "command",
+        "start": f"setsid {run_command(host.script)} </dev/null >>{log} 2>&1 & echo $! > {pidfile}",
+        "stop": f"(sleep {stop_after}; kill $(cat {pidfile})) >/dev/null 2>&1 &",
+        "check": f"kill -0 $(cat {pidfile}) 2>/dev/null",
+    }
+
+
+def short_stop_waits(slow: float, grace: float):
+    def tweak(source: bytes) -> bytes:
+        for old, new in (
+            (b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3"),
+            (b"SLOW_STOP_WAIT = 30.0", f"SLOW_STOP_WAIT = {slow}".encode()),
+            (b"ABORT_GRACE = 120.0", f"ABORT_GRACE = {grace}".encode()),
+        ):
+            assert old in source
+            source = source.replace(old, new, 1)
+        return source
+
+    return tweak
+
+
+def test_slow_stopping_old_client_is_waited_for_and_the_swap_goes_on(host):
+    old_pid = host.install_old()
+    host.start_guard(service=command_service(host, 1.0), tweak=short_stop_waits(10.0, 1.0))
+    started = host.wait_state("started", timeout=10.0)
+    assert "stopping" in host.states() and "aborted" not in host.states()
+    assert not pid_alive(old_pid)
+    assert host.script.read_bytes() == NEW
+    wait_for(lambda: pidfile_alive(host.pidfile))
+    assert started["state"] == "started"
+    host.touch("commit")
+    host.wait_state("committed")
+
+
+def test_slow_stopping_old_client_exits_after_the_guard_gave_up_and_is_started_again(host):
+    """The guard gave up waiting (nothing changed, window closed), then the old
+    client's stop took effect after all: a host without a client, unless the
+    guard starts it again."""
+    old_pid = host.install_old()
+    host.start_guard(service=command_service(host, 2.0), tweak=short_stop_waits(0.5, 8.0))
+    aborted = host.wait_state("aborted", timeout=10.0)
+    assert aborted["changed"] is False
+    wait_for(lambda: not pid_alive(old_pid), timeout=5.0)
+    wait_for(lambda: pidfile_alive(host.pidfile) and read_pid(host.pidfile) != old_pid)
+    assert host.script.read_bytes() == OLD
+
+
+def test_a_late_exit_is_left_alone_once_another_run_holds_the_host(host):
+    """Past the abort, a new run may stop the client for its own swap: the old
+    guard must not start it behind that run's back."""
+    old_pid = host.install_old()
+    host.start_guard(service=command_service(host, 2.0), tweak=short_stop_waits(0.5, 8.0))
+    host.wait_state("aborted", timeout=10.0)
+    lock = host.root / ".deployer" / "lock"
+    lock.mkdir()
+    (lock / "owner").write_text(json.dumps({"owner": "x", "run_id": "R2", "since": 0}))
+    wait_for(lambda: not pid_alive(old_pid), timeout=5.0)
+    time.sleep(1.5)
+    assert not pidfile_alive(host.pidfile)
+
+
+def test_a_revert_restores_the_script_with_the_inventorys_mode(host):
+    """The backup is owner-only (it holds credentials); the restored script takes
+    the installed script's mode (the inventory's), e.g. 0750 for a group reader."""
+    host.install_old()
+    crash = client_source("new", fail="crash")
+    host.staged.write_bytes(crash)
+    os.chmod(host.staged, 0o750)  # as deployer's stage sets the inventory's mode
+    host.start_guard(new=crash)  # rewrites the staged file in place: the mode stays
+    host.wait_state("reverted")
+    assert host.script.read_bytes() == OLD
+    assert os.stat(host.script).st_mode & 0o777 == 0o750

@@ -120,3 +120,16 @@ def test_sixteen_threads_share_the_rate_fairly():
     first_half = Counter(idx for _, idx in grants[: len(grants) // 2])
     assert set(first_half) == set(range(threads))
     assert min(first_half.values()) >= each // 4
+
+
+def test_a_slot_beyond_max_wait_is_refused_at_once_and_not_reserved():
+    """A caller with a deadline (opening the window while an armed guard waits)
+    never queues past it: refused at once, and its refusal costs nobody a slot."""
+    clock = FakeClock()
+    limiter = RateLimiter(1.0, clock)
+    assert limiter.acquire()  # takes the slot at t0
+    t0 = clock.now()
+    assert limiter.acquire(max_wait=0.5) is False
+    assert clock.now() == t0  # no wait at all
+    assert limiter.acquire(max_wait=1.5)  # the next slot is still the one at t0 + 1
+    assert clock.now() - t0 == pytest.approx(1.0)

@@ -121,6 +121,7 @@ class Site:
         self.factory = RemoteFactory()
         self.events = Recorder()
         self.abort = threading.Event()
+        self.journal = None
 
     def inventory(self, **vars: str):
         return load_inventory(self.root / "deployer.toml", overrides=vars)
@@ -138,6 +139,7 @@ class Site:
             remote_factory=self.factory,
             options=options,
             events=self.events,
+            journal=self.journal,
             owner="tester@box pid 1",
         )
         self.paths = plan.paths
@@ -572,7 +574,10 @@ def test_a_tunnel_that_never_comes_up_fails_before_anything_is_touched(site):
     assert "tunnel_timeout (1s)" in res.error.message
     assert site.api.count("set_allow_clientless") == 0
     assert site.script.read_bytes() == site.old
-    assert not site.api.tunnel_open  # we connected, so we disconnect
+    # we connected but never held the host lock: another run may be using the
+    # tunnel (its connect came first), so it is left open and the user told
+    assert site.api.count("disconnect") == 0
+    assert any("left the tunnel open" in m for m in site.events.messages)
 
 
 def kill_guard_and_reuse_its_pid(site, new_pid: int) -> None:
@@ -756,3 +761,156 @@ def test_no_kill_mode_check_for_other_service_kinds(site):
     run.remote = _ShowRemote("control-group")
     run._warn_kill_mode()
     assert run.remote.commands == [] and site.events.messages == []
+
+
+# --- issue 11: the opening call's budget, a commit racing a revert, an aborted swap ------
+
+
+def test_opening_the_window_must_be_over_before_the_armed_guard_gives_up(site):
+    """A 22 storm may keep set_allow_clientless(true) waiting; landing after the
+    armed guard gave up would open a window nothing on the host closes."""
+    from deployer.plan import go_deadline
+    from deployer.workflow import OPEN_MARGIN
+
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    opening = site.api.within[0]
+    assert opening is not None
+    assert 0 < opening <= go_deadline(site.plan) - OPEN_MARGIN
+    assert site.api.within[1:] == [None]  # closing is never cut short
+
+
+def slow_guard(monkeypatch, poll: float):
+    """Render guards that look at their control files only every ``poll`` seconds."""
+    real = workflow.render_guard
+
+    def render(config):
+        source = real(config)
+        assert b"POLL = 0.1" in source
+        return source.replace(b"POLL = 0.1", f"POLL = {poll}".encode(), 1)
+
+    monkeypatch.setattr(workflow, "render_guard", render)
+
+
+def test_a_commit_that_races_a_revert_request_ends_upgraded(site, monkeypatch):
+    """The session dies right after `touch commit`; deployer reaches the host again
+    before the guard has looked: the guard will take the commit first, so asking
+    it to revert (and opening a second window for that) must not happen."""
+    slow_guard(monkeypatch, 1.0)
+    site.factory.lose_first_after = lambda command: command.endswith("/commit")
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert site.script.read_bytes() == client_source("2")
+    assert len(site.api.exposures) == 1  # no second window
+    assert_window_closed(site.api)
+    assert not site.factory.current.ran("/revert")
+
+
+def with_service(site: Site, block: str) -> None:
+    path = site.root / "deployer.toml"
+    text = path.read_text()
+    head, rest = text.split("[defaults.service]\n", 1)
+    path.write_text(head + "[defaults.service]\n" + block + "\n[" + rest.split("\n[", 1)[1])
+
+
+def test_an_aborted_swap_is_failed_only_once_the_old_client_is_seen_online(site, monkeypatch):
+    """The guard gave up (the old client would not stop: nothing changed). Before,
+    deployer said `failed` without looking; a host whose client is gone by then
+    must be `unsafe`, never a quiet `failed`."""
+    from tests.unit.test_guard import short_stop_waits
+
+    with_service(site, 'kind = "command"\nstart = "true"\nstop = "true"\ncheck = "true"\n')
+    real = workflow.render_guard
+    monkeypatch.setattr(workflow, "render_guard", lambda c: short_stop_waits(0.3, 0.5)(real(c)))
+    online = {"now": True}
+    site.api.online = lambda: online["now"]
+    site.events.hooks["first_life"] = lambda: online.update(now=False)  # the client is gone
+    res = site.run(release="2")
+    assert res.result is Outcome.UNSAFE, res.error
+    assert site.script.read_bytes() == site.old
+    assert_window_closed(site.api)
+
+
+def test_an_aborted_swap_with_the_old_client_online_is_failed(site, monkeypatch):
+    from tests.unit.test_guard import short_stop_waits
+
+    with_service(site, 'kind = "command"\nstart = "true"\nstop = "true"\ncheck = "true"\n')
+    real = workflow.render_guard
+    monkeypatch.setattr(workflow, "render_guard", lambda c: short_stop_waits(0.3, 0.5)(real(c)))
+    site.api.online = lambda: True
+    res = site.run(release="2")
+    assert res.result is Outcome.FAILED, res.error
+    assert "did not stop" in res.error.message
+    assert site.script.read_bytes() == site.old
+    assert_window_closed(site.api)
+
+
+# --- issue 11: the journal fails while the run unwinds -----------------------------------
+
+
+class BrokenJournal:
+    """A journal that stops writing (disk full, read-only state dir) once broken."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.facts: list[dict] = []
+
+    def update_host(self, run_id: str, host: str, **facts) -> None:
+        from deployer.errors import JournalError
+
+        if self.broken:
+            raise JournalError("database or disk is full")
+        self.facts.append(facts)
+
+
+class BrokenSink(Recorder):
+    """A live view that crashes on every event once broken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+
+    def step_started(self, host, step, facts=None) -> None:
+        super().step_started(host, step, facts)
+        if self.broken:
+            raise OSError("display gone")
+
+    def message(self, host, text) -> None:
+        super().message(host, text)
+        if self.broken:
+            raise OSError("display gone")
+
+
+def test_a_journal_that_fails_after_the_swap_does_not_stop_the_rollback(site):
+    """The new client crashes; the journal is full by then: the guard must still be
+    told to revert, the window closed and the lock released, and the host reported."""
+    site.journal = BrokenJournal()
+    site.events.hooks["first_life"] = lambda: setattr(site.journal, "broken", True)
+    res = site.run(release="2", fail="crash")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert site.script.read_bytes() == site.old and pidfile_alive(site.pidfile)
+    assert_window_closed(site.api)
+    assert not (site.base / "lock").exists()
+    assert any("journal could not record" in m for m in site.events.messages)
+
+
+def test_a_journal_that_fails_before_the_swap_leaves_nothing_changed(site):
+    site.journal = BrokenJournal()
+    site.events.hooks["swap"] = lambda: setattr(site.journal, "broken", True)
+    res = site.run(release="2")
+    assert res.result is Outcome.FAILED
+    assert res.error.type == "JournalError"
+    assert site.script.read_bytes() == site.old and pidfile_alive(site.pidfile)
+    assert_window_closed(site.api)
+    assert not (site.base / "lock").exists()
+
+
+def test_a_live_view_that_crashes_during_the_rollback_does_not_stop_it(site):
+    sink = BrokenSink()
+    site.events = sink
+    sink.hooks["first_life"] = lambda: setattr(sink, "broken", True)
+    res = site.run(release="2", fail="crash")
+    assert res.result is Outcome.ROLLED_BACK, res.error
+    assert site.script.read_bytes() == site.old and pidfile_alive(site.pidfile)
+    assert_window_closed(site.api)
+    assert not (site.base / "lock").exists()
