@@ -41,6 +41,17 @@ requires_openssh = pytest.mark.skipif(
 )
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` owner-only (0600), whatever the umask: a copy of a
+    sandbox inventory holds its credentials, and deployer refuses such a file when
+    others can read it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    return path
+
+
 @dataclass
 class Sandbox:
     """A running sandbox as tests see it."""
