@@ -46,9 +46,9 @@ def write_private(path: Path, text: str) -> Path:
     sandbox inventory holds its credentials, and deployer refuses such a file when
     others can read it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it first
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
     return path
 
 
