@@ -136,9 +136,9 @@ def _network_reason(exc: BaseException) -> str:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        is_os_error = isinstance(cur, OSError) and not isinstance(cur, requests.RequestException)
-        if is_os_error and cur.strerror:
-            return cur.strerror
+        if isinstance(cur, OSError) and not isinstance(cur, requests.RequestException):
+            if cur.strerror:
+                return cur.strerror
         todo.extend([cur.__cause__, cur.__context__, getattr(cur, "reason", None)])
         todo.extend(a for a in cur.args if isinstance(a, BaseException))
     return type(exc).__name__
@@ -371,6 +371,7 @@ class ProviderAPI:
         if failure is not None:
             log.debug("%s %s: %s", call, host.name, failure)
             raise self._error(ApiTransientError, call, host, failure)
+        assert response is not None  # _send gives a response or a failure
         reply = self._reply(call, host, response)
         log.debug(
             "%s %s: HTTP %s, error_code %s in %.3fs",
@@ -384,6 +385,7 @@ class ProviderAPI:
 
     def _query(self, call: str, host: HostConfig, allow: bool | None) -> dict[str, str]:
         if call == SCRIPT_CALL:  # _check made sure both are there
+            assert self.provider.api_key is not None and host.client_id is not None
             return {"api_key": self.provider.api_key.reveal(), "client_id": host.client_id.reveal()}
         query = {
             "user_id": self.provider.user_id.reveal(),

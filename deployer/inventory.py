@@ -22,7 +22,7 @@ import re
 import shlex
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,7 @@ def _check_private(raw: dict[str, Any], source: _Source) -> None:
         )
 
 
-def _literal_credentials(table: dict[str, Any], key: KeyPath = ()) -> Iterable[KeyPath]:
+def _literal_credentials(table: dict[str, Any], key: KeyPath = ()) -> Iterator[KeyPath]:
     """The key paths of credentials written as literal values, not ``${ENV}``."""
     for name, value in table.items():
         if isinstance(value, dict):
@@ -341,9 +341,8 @@ def _type_name(value: Any) -> str:
     for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number")):
         if isinstance(value, kind):
             return name
-    return {str: "a string", dict: "a table", list: "an array"}.get(
-        type(value), type(value).__name__
-    )
+    names: dict[type, str] = {str: "a string", dict: "a table", list: "an array"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _check_table(

@@ -307,6 +307,7 @@ def _failed(
 def _skip_the_rest(settled: Settled, stopped_by: str) -> None:
     """An account-level error: no host starts (those that failed keep their failure)."""
     cause = settled.refused[stopped_by].error
+    assert cause is not None  # a refused host carries its error
     reason = (
         f"run stopped: account-level error (API code {cause.api_error_code} on {stopped_by}: "
         f"{cause.type})"
