@@ -10,10 +10,11 @@ and ``benchmarks/chaos.py``. Stdlib and deployer only (no pytest here).
 window nor a host without a client") means, for one host:
 
 - the simulator shows allow-clientless false and every exposure closed;
-- it shows the client online, heartbeating the sha256 of a *complete*
-  script: the old release's or the new one's;
+- it shows the client online, its last poll reporting the sha256 of a
+  *complete* script: the old release's or the new one's;
 - the installed file ``hosts/NAME/client.py`` hashes to that same sha256,
-  and the pid that heartbeats is the one in ``client.pid``, alive.
+  and the pid that polled last (the client's good-poll file,
+  ``hosts/NAME/client.py.poll``) is the one in ``client.pid``, alive.
 
 *Settled*: safe, and no guard process of the host is left that could still
 change it.
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -44,7 +46,7 @@ KILL_STAGES = SPEC_STEPS[1:]
 JOURNAL_POLL = 0.002  # seconds between looks at the journal while waiting for a stage
 STATE_POLL = 0.1  # seconds between looks at the simulator while waiting for safety
 SETTLE_MARGIN = 15.0  # seconds past the guard's deadline for its revert to finish
-RECOVER_GRACE = 3.0  # seconds for the heartbeats to catch up once recover returned
+RECOVER_GRACE = 3.0  # seconds for the polls to catch up once recover returned (fast: 0.5 s)
 CLI_TIMEOUT = 180.0
 SHORT_STAGE = 0.3  # seconds: most stages take less on the sandbox
 FINAL_RESULTS = {"upgraded", "unchanged", "rolled_back", "failed", "unsafe", "skipped"}
@@ -238,6 +240,7 @@ class HostView:
     file_sha: str | None
     pidfile_pid: int | None
     guards_alive: tuple[int, ...]
+    poll_pid: int | None = None  # the pid in the good-poll file: the client that polled last
 
     def problems(self, complete: set[str]) -> list[str]:
         """Why the host is not safe (empty: safe)."""
@@ -253,8 +256,8 @@ class HostView:
         if self.file_sha != s["script_sha256"]:
             out.append(f"the installed file is {str(self.file_sha)[:12]}, not what runs")
         pid = self.pidfile_pid
-        if pid is None or s["client_pid"] != pid or not processes.alive(pid):
-            out.append(f"client.pid {pid} is not the heartbeating pid {s['client_pid']} alive")
+        if pid is None or self.poll_pid != pid or not processes.alive(pid):
+            out.append(f"client.pid {pid} is not the polling pid {self.poll_pid} alive")
         return out
 
     def safe(self, complete: set[str]) -> bool:
@@ -266,6 +269,16 @@ class HostView:
 
 def host_dir(sandbox_dir: Path, host: str) -> Path:
     return Path(sandbox_dir) / "hosts" / host
+
+
+def poll_pid(sandbox_dir: Path, host: str) -> int | None:
+    """The pid in the host's good-poll file (``client.py.poll``, rewritten by the
+    client after every good poll): the process that reached the provider last."""
+    try:
+        pid = json.loads((host_dir(sandbox_dir, host) / "client.py.poll").read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if isinstance(pid, int) else None
 
 
 def live_guards(sandbox_dir: Path, host: str) -> tuple[int, ...]:
@@ -294,11 +307,56 @@ def view(client: SandboxClient, sandbox_dir: Path, host: str) -> HostView:
         file_sha=sha256_file(hdir / "client.py"),
         pidfile_pid=processes.read_pidfile(hdir / "client.pid"),
         guards_alive=live_guards(sandbox_dir, host),
+        poll_pid=poll_pid(sandbox_dir, host),
     )
 
 
 def lock_held(sandbox_dir: Path, host: str) -> bool:
     return (host_dir(sandbox_dir, host) / ".client.py.deployer" / "lock").exists()
+
+
+# --- the client's own log: when each client started and first reached the provider -----------
+
+# "2026-11-29 08:33:40,123 sshreach-client sbx-01 4242: message" (the client's log format)
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) sshreach-client .* (\d+): (.*)$")
+_RELEASE_LINE = re.compile(r"^release (.*), sha256 ([0-9a-f]{12}): polling every")
+_GOOD_POLL_LINE = re.compile(r'^the provider says "[01]"')
+
+
+@dataclass
+class ClientRun:
+    """One client process as its log tells it (times: epoch seconds, to the ms)."""
+
+    pid: int
+    release: str
+    sha12: str  # the first 12 hex digits of the sha256 of the file it started from
+    started: float  # its first log line: the logger is up, it is about to poll
+    first_good_poll: float | None = None  # its first poll the provider answered
+
+
+def client_runs(sandbox_dir: Path, host: str) -> list[ClientRun]:
+    """Every client that logged to ``hosts/NAME/client.log``, oldest first. Each
+    client logs ``release R, sha256 S: polling every …`` when it starts and
+    ``the provider says "1"|"0"`` at its first good poll (and on each change)."""
+    try:
+        text = (host_dir(sandbox_dir, host) / "client.log").read_text(errors="replace")
+    except OSError:
+        return []
+    runs: dict[int, ClientRun] = {}
+    for line in text.splitlines():
+        match = _LOG_LINE.match(line)
+        if not match:
+            continue
+        stamp, millis, pid, message = match.groups()
+        when = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+        started = _RELEASE_LINE.match(message)
+        if started:
+            runs[int(pid)] = ClientRun(int(pid), started.group(1), started.group(2), when)
+        elif _GOOD_POLL_LINE.match(message):
+            run = runs.get(int(pid))
+            if run is not None and run.first_good_poll is None:
+                run.first_good_poll = when
+    return sorted(runs.values(), key=lambda r: r.started)
 
 
 @dataclass(frozen=True)
@@ -389,6 +447,8 @@ class KillOutcome:
     history_result: str | None = None
     lock_left: bool = False
     safe_at_return: bool | None = None  # with recover: safe at the first look after it
+    tunnel_cuts: int = 0  # tunnels the forwarding server cut by the offline rule meanwhile
+    tunnel_open_at_end: bool = False  # a tunnel still forwards when the watch ended
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__, problems=list(self.problems))
@@ -420,11 +480,12 @@ def kill_point(
     """Upgrade ``host`` to ``release``, kill deployer in ``stage``, then judge.
 
     With recover: run ``deployer recover`` at once; the host must be safe when
-    it returns (after :data:`RECOVER_GRACE` for the heartbeats to catch up).
+    it returns (after :data:`RECOVER_GRACE` for the polls to catch up).
     Without: watch until settled, up to the guard's deadline plus a margin.
     """
     old_sha = sha256_file(host_dir(fleet.dir, host) / "client.py")
     complete = {old_sha, release_sha(fleet.inventory, host, release)}
+    cuts_before = fleet.client.host(host)["tunnel_cuts"]
     args = ("--var", f"release={release}")
     if stable_for is not None:
         args += ("--stable-for", f"{stable_for:g}")
@@ -470,6 +531,9 @@ def kill_point(
     if up.run_id is not None and with_recover:
         out.history_result = history_result(fleet.inventory, host, up.run_id)
     out.lock_left = lock_held(fleet.dir, host)
+    end = fleet.client.host(host)
+    out.tunnel_cuts = end["tunnel_cuts"] - cuts_before
+    out.tunnel_open_at_end = end["tunnel_open"]
     return out
 
 
