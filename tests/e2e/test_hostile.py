@@ -9,9 +9,11 @@ appear, and the installed script must hold the exact value.
 from __future__ import annotations
 
 import ast
+import getpass
+import hashlib
 import json
+import os
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from tests.e2e.test_upgrade import (
     run_json,
     wait_running,
 )
-from tests.sandbox_fixture import Sandbox
+from tests.sandbox_fixture import Sandbox, write_private
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +43,14 @@ def hostile(marker: Path) -> str:
 
 
 def release_in(script: bytes) -> str:
-    """The value of ``RELEASE = …`` in the installed sandbox client, as Python reads it."""
+    """The value of ``RELEASE = str(…)`` in the installed client, as Python reads it."""
     tree = ast.parse(script)
     for node in tree.body:
         if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["RELEASE"]:
-            return ast.literal_eval(node.value)
+            value = node.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "str":
+                (value,) = value.args  # the template writes str(<the var as a JSON literal>)
+            return ast.literal_eval(value)
     raise AssertionError("no RELEASE = … in the installed script")
 
 
@@ -87,22 +92,6 @@ HOSTILE_DIRS = [
 ]
 
 
-def move_client(sb: Sandbox, host: str, new_dir: Path) -> None:
-    """Run ``host``'s client from ``new_dir`` instead of its sandbox dir."""
-    old = sb.client_pid(host)
-    assert old and processes.terminate([old]) == []
-    new_dir.mkdir(parents=True)
-    shutil.copy2(sb.host_dir(host) / "client.py", new_dir / "client.py")
-    processes.start_pidfile_service(
-        run=f"exec python3 {shlex.quote(str(new_dir / 'client.py'))}",
-        pidfile=new_dir / "client.pid",
-        log_path=new_dir / "client.log",
-        cwd=str(new_dir),
-        env=session_env("nobody", str(new_dir)),
-    )
-    sb.client.wait_online([host], timeout=10)
-
-
 def hostile_inventory(sb: Sandbox, host: str, new_dir: Path) -> Path:
     """A copy of the sandbox inventory (same provider, same ids) with ``host``'s
     script and pidfile under ``new_dir``; beside the original so the template
@@ -112,10 +101,32 @@ def hostile_inventory(sb: Sandbox, host: str, new_dir: Path) -> Path:
     assert text.count(old_line) == 1, text
     text = text.replace(old_line, f"script_path = {json.dumps(str(new_dir / 'client.py'))}")
     text += f"\n[hosts.{host}.service]\npidfile = {json.dumps(str(new_dir / 'client.pid'))}\n"
-    path = sb.dir / "hostile.toml"
-    path.write_text(text)
-    path.chmod(0o600)  # the sandbox's literal credentials: private, or refused
-    return path
+    return write_private(sb.dir / "hostile.toml", text)
+
+
+def move_client(sb: Sandbox, hsb: Sandbox, host: str, new_dir: Path) -> str:
+    """Run ``host``'s client from ``new_dir`` instead of its sandbox dir: the script
+    deployer renders for that path (so its good-poll file, which the ready probe
+    reads, is ``new_dir/client.py.poll``), started as the pidfile service starts
+    it. The old client's tunnel process is adopted by the new one. Its sha256."""
+    old = sb.client_pid(host)
+    assert old and processes.terminate([old]) == []
+    new_dir.mkdir(parents=True)
+    script = rendered(hsb, host)
+    fd = os.open(new_dir / "client.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(script)
+    processes.start_pidfile_service(
+        run=f"exec python3 {shlex.quote(str(new_dir / 'client.py'))}",
+        pidfile=new_dir / "client.pid",
+        log_path=new_dir / "client.out",
+        cwd=str(new_dir),
+        env=session_env(getpass.getuser(), str(new_dir)),
+    )
+    sha = hashlib.sha256(script).hexdigest()
+    assert (new_dir / "client.py").read_bytes() == script
+    wait_running(sb, host, sha)
+    return sha
 
 
 @pytest.mark.parametrize("hostile_dir", HOSTILE_DIRS)
@@ -125,9 +136,8 @@ def test_a_script_path_full_of_shell_metacharacters_is_upgraded_and_rolled_back(
     sb, host = sandbox_factory(hosts=1), "sbx-01"
     new_dir = sb.dir / "hosts" / hostile_dir / "sub dir"
     pwned = sb.dir / "hosts" / "PWNED"
-    original_sha = sb.host(host)["script_sha256"]
-    move_client(sb, host, new_dir)
     hsb = Sandbox(sb.dir, hostile_inventory(sb, host, new_dir), sb.info, sb.client)
+    original_sha = move_client(sb, hsb, host, new_dir)
     expected = rendered(hsb, host, "--var", "release=2")
     untouched = (sb.host_dir(host) / "client.py").read_bytes()
 
