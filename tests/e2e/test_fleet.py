@@ -2,7 +2,7 @@
 
 Every run is ``python -m deployer`` as a subprocess; what it did is judged
 from the simulator's independent record (``/sandbox/state``: API calls per
-host, exposure windows, the sha256 each client heartbeats) and from its
+host, exposure windows, the sha256 each client reports with its polls) and from its
 ``--json`` / ``--junit`` reports. One sandbox serves the whole module; each
 test uses its own release so it always has something to upgrade, and zeroes
 the simulator's counters before its run.
@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
-from tests.sandbox_fixture import Sandbox
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from tests.sandbox_fixture import Sandbox, write_private
 
 pytestmark = pytest.mark.e2e
 
@@ -59,19 +63,26 @@ def upgrade_args(release: str, *extra: str) -> list[str]:
 
 
 def with_failing_hosts(sb: Sandbox, names: list[str], file_name: str) -> Path:
-    """A copy of the sandbox inventory (beside it: the template path is relative)
-    in which ``names`` get a release that crashes at start (vars.sandbox_fail)."""
+    """A copy of the sandbox inventory (beside it: the template path is relative;
+    owner-only: it holds the credentials) in which ``names`` get a release that
+    crashes at start: ``sandbox_fail = "crash"`` added to each one's own ``vars``
+    (the sandbox gives every host ``vars = { sshd_port = …, log_file = … }``)."""
     text = sb.inventory.read_text()
     for name in names:
         header = f"[hosts.{name}]\n"
         assert text.count(header) == 1, f"{name}: no single host table in the inventory"
-        section = text.split(header, 1)[1].split("\n[", 1)[0]
-        assert not re.search(r"^vars\s*=", section, re.MULTILINE), f"{name} already has vars"
-        text = text.replace(header, header + 'vars = { sandbox_fail = "crash" }\n')
-    path = sb.dir / file_name
-    path.write_text(text)
-    path.chmod(0o600)  # the sandbox's literal credentials: private, or refused
-    assert all(tomllib.loads(text)["hosts"][n]["vars"]["sandbox_fail"] == "crash" for n in names)
+        head, section = text.split(header, 1)
+        section, sep, rest = section.partition("\n[")
+        section, count = re.subn(
+            r"^vars\s*=\s*\{", 'vars = { sandbox_fail = "crash",', section, flags=re.MULTILINE
+        )
+        if not count:
+            section = 'vars = { sandbox_fail = "crash" }\n' + section
+        text = head + header + section + sep + rest
+    path = write_private(sb.dir / file_name, text)
+    hosts = tomllib.loads(text)["hosts"]
+    assert all(hosts[n]["vars"]["sandbox_fail"] == "crash" for n in names)
+    assert all("sandbox_fail" not in hosts[n].get("vars", {}) for n in hosts if n not in names)
     return path
 
 
@@ -269,7 +280,8 @@ def test_ctrl_c_finishes_in_flight_hosts_and_starts_no_new_one(sb: Sandbox):
     state = sb.state()
     got = results(report)
     assert len(in_flight) == 4
-    assert {got[n] for n in in_flight} == {"upgraded"}
+    errors = {h["host"]: h["error"] for h in report["hosts"] if h["host"] in in_flight}
+    assert {got[n] for n in in_flight} == {"upgraded"}, errors
     rest = set(got) - in_flight
     assert len(rest) == HOSTS - 4 and {got[n] for n in rest} == {"skipped"}
     assert touched(state) == in_flight  # no new host started after the Ctrl-C
@@ -325,9 +337,7 @@ def overload_run(sb: Sandbox):
     provider, sep, rest = text.partition("[defaults]")
     provider, count = re.subn(r"(?m)^rate_limit\s*=.*$", "rate_limit = 400.0", provider)
     assert count == 1
-    inventory = sb.dir / "overload.toml"
-    inventory.write_text(provider + sep + rest)
-    inventory.chmod(0o600)  # the sandbox's literal credentials: private, or refused
+    inventory = write_private(sb.dir / "overload.toml", provider + sep + rest)
     return storm(sb, inventory, OVERLOAD_SERVER_RATE, "overload", "sbx-0[1-6]")
 
 
