@@ -3,16 +3,20 @@
 Prints one JSON document: the makespan, its lower bound
 ``max(ceil(N/C) * T_host, N * k / R)`` and their ratio, the simulator's own
 exposure p50/p95, API calls per host, the 22s the simulator answered, the
-deployer process's peak RSS, and where the time went (per-step seconds from
-deployer's JSON report).
+tunnel cuts, the deployer process's peak RSS, and where the time went
+(per-step seconds from deployer's JSON report).
 
-    T_host = k * L + client start-to-first-heartbeat + stable_for
+    T_host = k * L + poll_interval / 2 + client start-to-first-poll + stable_for
     k      = API calls per upgraded host (as the simulator counted them)
+    L      = the simulator's API latency
+    poll_interval / 2 = the mean wait for the tunnel after ``connect``: it comes
+             up at the client's next poll (SPEC 1b)
     R      = the binding rate limit: min(server's, deployer's limiter)
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/fleet.py --hosts 200 --parallel 50
+    .venv/bin/python benchmarks/fleet.py --hosts 200 --parallel 50 [--profile fast|real]
+        [--ssh-latency S]
 
 The sandbox is started in a temporary directory and stopped at the end.
 """
@@ -40,6 +44,7 @@ from deployer.sandbox.client import SandboxClient
 DEPLOYER_TIMEOUT = 1800.0  # seconds for one deployer run, whatever N
 RELEASE = "2"
 CLIENT_START_RUNS = 10
+FAST_API_LATENCY = 0.02  # --latency's default with the fast profile (real: the profile's)
 PROVIDER_RATE_RE = re.compile(r"^(rate_limit\s*=\s*).*$", re.MULTILINE)
 
 
@@ -73,7 +78,7 @@ def forks_so_far() -> int:
 
 def idle_utilisation(seconds: float) -> float:
     """Share of all cores busy over ``seconds`` with no deployer running (the fleet's
-    heartbeats and whatever else the machine does)."""
+    polls and whatever else the machine does)."""
     busy0, total0 = machine_cpu()
     time.sleep(seconds)
     busy1, total1 = machine_cpu()
@@ -210,16 +215,18 @@ def lower_bound(
     parallel: int,
     k: float,
     latency: float,
+    tunnel_wait: float,
     client_start: float,
     stable_for: float,
     rate: float,
 ) -> dict[str, float]:
     """The makespan no deployer can beat on this sandbox, and its two terms."""
-    t_host = k * latency + client_start + stable_for
+    t_host = k * latency + tunnel_wait + client_start + stable_for
     concurrency = math.ceil(hosts / parallel) * t_host
     rate_term = hosts * k / rate if rate > 0 else 0.0
     return {
         "t_host_seconds": round(t_host, 3),
+        "tunnel_wait_seconds": round(tunnel_wait, 3),
         "concurrency_term_seconds": round(concurrency, 3),
         "rate_term_seconds": round(rate_term, 3),
         "seconds": round(max(concurrency, rate_term), 3),
@@ -235,16 +242,23 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
     from exposure import client_start_seconds
 
     started = time.monotonic()
+    latency = opts.latency
+    if latency is None and opts.profile == "fast":
+        latency = FAST_API_LATENCY
+    profile = sandbox_fleet.PROFILES[opts.profile]
     info = sandbox_fleet.up(
         root,
         hosts=opts.hosts,
-        api_latency=opts.latency,
+        profile=opts.profile,
+        api_latency=latency,
+        ssh_latency=opts.ssh_latency,
         rate_limit=opts.server_rate_limit,
-        wait_timeout=max(30.0, opts.hosts * 0.3),
+        wait_timeout=max(30.0, opts.hosts * 0.3) + 2 * profile.poll_interval,
     )
     up_seconds = time.monotonic() - started
-    set_client_rate_limit(info.inventory, opts.client_rate_limit)
     client = SandboxClient(info.base_url)
+    latency = client.faults()["latency"]  # the profile's when --latency was not given
+    set_client_rate_limit(info.inventory, opts.client_rate_limit)
     names = list(info.hosts)
     client_start = client_start_seconds(
         info.dir / "hosts" / names[0] / "client.py", opts.client_runs
@@ -290,7 +304,8 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         opts.hosts,
         opts.parallel,
         k,
-        opts.latency,
+        latency,
+        profile.poll_interval / 2,
         statistics.median(client_start),
         stable_for,
         rate,
@@ -301,7 +316,9 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         "benchmark": "fleet",
         "hosts": opts.hosts,
         "parallel": opts.parallel,
-        "api_latency_seconds": opts.latency,
+        "profile": opts.profile,
+        "api_latency_seconds": latency,
+        "ssh_latency_seconds": opts.ssh_latency,
         "server_rate_limit": opts.server_rate_limit,
         "client_rate_limit": opts.client_rate_limit,
         "stable_for_seconds": stable_for,
@@ -312,7 +329,7 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         "deployer_startup_seconds": round(startup, 3),
         "lower_bound": bound,
         "ratio": rounded(ratio),
-        "client_start_to_heartbeat_seconds": {
+        "client_start_to_first_poll_seconds": {
             "median": rounded(statistics.median(client_start)),
             "runs": [round(v, 4) for v in client_start],
         },
@@ -328,6 +345,8 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
             "min": min(calls, default=None),
         },
         "api_requests_total": state["calls"]["requests"],
+        "polls_total": state["calls"]["polls"],
+        "tunnel_cuts": sum(h["tunnel_cuts"] for h in state["hosts"].values()),
         "replies_by_code": by_code,
         "code_22_received": by_code.get("22", 0),
         "peak_rss_mb": round(run.peak_rss_mb, 1),
@@ -375,10 +394,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hosts", type=int, default=200, help="N (default 200)")
     parser.add_argument("--parallel", type=int, default=50, help="C, --parallel (default 50)")
     parser.add_argument(
+        "--profile",
+        choices=("fast", "real"),
+        default="fast",
+        help="the sandbox's timings (default fast; real: 5 s polls, 30 s offline detection)",
+    )
+    parser.add_argument(
         "--latency",
         type=float,
-        default=0.02,
-        help="simulator API latency in seconds (default 0.02)",
+        default=None,
+        help="simulator API latency in seconds (default 0.02 with fast, 0.2 with real)",
+    )
+    parser.add_argument(
+        "--ssh-latency",
+        type=float,
+        default=0.0,
+        help="seconds added to each direction through a tunnel (default 0)",
     )
     parser.add_argument(
         "--server-rate-limit",
@@ -402,7 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--client-runs",
         type=int,
         default=CLIENT_START_RUNS,
-        help="client start-to-heartbeat samples (default 10)",
+        help="client start-to-first-poll samples (default 10)",
     )
     parser.add_argument(
         "--baseline-seconds",
