@@ -8,15 +8,20 @@ detached on the "host" and must survive). Then, judged from outside (the
 simulator's ``/sandbox/state`` and the host's files, see :mod:`tests.chaos`):
 
 - **without recover**: watched until *settled* — window closed, every
-  exposure closed, a client online whose file and heartbeat are the old or
-  the new release, and no guard left running — or until the guard's
+  exposure closed, a client online whose file and last poll are the old or
+  the new release (and whose pid, in the good-poll file, is the pidfile's),
+  and no guard left running — or until the guard's
   deadline plus a margin (then it counts as **unsafe**). Hosts run in
   parallel batches, one point per host; ``deployer recover`` tidies up
   (locks, tunnels) after each batch, outside the measurement.
 - **with recover**: ``deployer recover`` right after the kill, one point at
   a time; unsafe if the host is not safe within a few seconds of recover's
-  return (the heartbeats' lag), or recover exits 3, or ``history`` shows no
+  return (the polls' lag), or recover exits 3, or ``history`` shows no
   final result for the run.
+
+Each point also counts the tunnel cuts the forwarding server made meanwhile
+(the offline rule: a client silent while allow-clientless is false); they are
+reported, not judged: the host stays safe, but deployer's session was cut.
 
 A host lock left after recover (SPEC 6: recover releases locks) is counted
 as ``lock_left_after_recover`` and then removed, so the host stays usable.
@@ -187,6 +192,13 @@ def summarize(points: list[KillOutcome]) -> dict[str, Any]:
         ],
     }
     summary["lock_left_after_recover"] = sum(o.lock_left for o in killed)
+    summary["tunnel_cuts"] = sum(o.tunnel_cuts for o in killed)
+    summary["tunnel_open_at_end"] = sum(o.tunnel_open_at_end for o in killed)
+    summary["points_with_a_cut"] = [
+        {"host": o.host, "killed_in": o.killed_in, "cuts": o.tunnel_cuts}
+        for o in killed
+        if o.tunnel_cuts
+    ]
     if killed and not killed[0].with_recover:
         summary["unsafe_for_seconds"] = _seconds([o.unsafe_for for o in killed])
     else:

@@ -3,16 +3,23 @@
 1. API calls per second: ``client_status`` from several worker processes
    against a running sandbox (its own background process, rate limit off),
    over keep-alive connections and with a new connection per call.
-2. Concurrent tunnels: N hosts connected at once, one SSH session open
-   through each tunnel at the same time (to the embedded SSH server in the
-   same runner process), every session runs a command while all are open;
-   plus raw TCP connections through N tunnels reading the SSH banner.
+2. Polls per second: the clients' poll endpoint (``{poll_url}/get_port4.php``,
+   SPEC 1b), the same way. A fleet of N clients polling every P seconds
+   needs N / P of them (200 hosts on the ``fast`` profile: 400/s).
+3. Concurrent tunnels: N hosts connected at once — each tunnel a real client's
+   ``ssh -R`` to the forwarding server (the ``real`` profile: clients poll
+   every 5 s, so N clients cost little CPU), opened at the client's next poll
+   after ``connect`` — one SSH session open through each tunnel at the same
+   time (to the hosts' embedded SSH servers, in the runner process), every
+   session runs a command while all are open; plus raw TCP connections
+   through N tunnels reading the SSH banner.
 
     .venv/bin/python benchmarks/simulator.py [--seconds 5] [--workers 3]
-        [--tunnels 200,400] [--raw-tunnels 1000]
+        [--tunnels 200,400] [--raw-tunnels 500]
 
 Not a test: it asserts nothing, it reports. Target on 2 cores: >= 1000
-calls/s and >= 200 concurrent tunnels.
+calls/s and >= 200 concurrent tunnels. Each tunnel costs a client process and
+an ssh process (some 15 MB together), hence the smaller raw default.
 """
 
 from __future__ import annotations
@@ -40,10 +47,9 @@ def _progress(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
-def _host_params(inventory: Path) -> tuple[str, list[dict[str, str]], list[str]]:
+def _host_params(inventory: Path) -> tuple[str, list[dict[str, str]]]:
     inv = load_inventory(inventory)
     params = []
-    uuids = []
     for host in inv.hosts.values():
         params.append(
             {
@@ -53,13 +59,35 @@ def _host_params(inventory: Path) -> tuple[str, list[dict[str, str]], list[str]]
                 "ports_id": str(host.ports_id),
             }
         )
-        uuids.append(host.host_uuid.reveal())
-    return inv.provider.api_url, params, uuids
+    return inv.provider.api_url, params
 
 
-def _worker(api_url: str, params: dict, seconds: float, keep_alive: bool, out) -> None:
-    url = urllib.parse.urlsplit(api_url.format(call="client_status"))
-    path = f"{url.path}?{urllib.parse.urlencode(params)}"
+def _poll_urls(sb: fleet.SandboxInfo) -> list[str]:
+    """One poll URL per host, as its client sends it (without the sha256 extra)."""
+    document = json.loads(sb.sandbox_json.read_text())
+    urls = []
+    for host in document["hosts"].values():
+        query = {
+            "ports_id": host["ports_id"],
+            "key": host["host_uuid"],
+            "uid": host["user_id"],
+            "dbid": host["dbid"],
+            "ver": "bench",
+            "upgradable": "False",
+        }
+        urls.append(f"{document['poll_url']}/get_port4.php?{urllib.parse.urlencode(query)}")
+    return urls
+
+
+def _ok(kind: str, status: int, body: dict) -> bool:
+    if kind == "poll":
+        return status == 200 and "command" in body
+    return status == 200 and bool(body.get("success"))
+
+
+def _worker(target: str, kind: str, seconds: float, keep_alive: bool, out) -> None:
+    url = urllib.parse.urlsplit(target)
+    path = f"{url.path}?{url.query}"
     ok = errors = 0
     conn = None
     deadline = time.monotonic() + seconds
@@ -70,7 +98,7 @@ def _worker(api_url: str, params: dict, seconds: float, keep_alive: bool, out) -
             conn.request("GET", path)
             response = conn.getresponse()
             body = json.loads(response.read())
-            if response.status == 200 and body.get("success"):
+            if _ok(kind, response.status, body):
                 ok += 1
             else:
                 errors += 1
@@ -83,16 +111,24 @@ def _worker(api_url: str, params: dict, seconds: float, keep_alive: bool, out) -
     out.put((ok, errors))
 
 
-def api_throughput(sb: fleet.SandboxInfo, seconds: float, workers: int, keep_alive: bool):
-    api_url, params, _ = _host_params(sb.inventory)
+def api_throughput(
+    sb: fleet.SandboxInfo, seconds: float, workers: int, keep_alive: bool, kind: str = "api"
+):
+    """``client_status`` calls (kind "api") or client polls (kind "poll") per second."""
+    if kind == "poll":
+        targets = _poll_urls(sb)
+    else:
+        api_url, params = _host_params(sb.inventory)
+        call = api_url.format(call="client_status")
+        targets = [f"{call}?{urllib.parse.urlencode(p)}" for p in params]
     queue: multiprocessing.Queue = multiprocessing.Queue()
     procs = [
         multiprocessing.Process(
-            target=_worker, args=(api_url, params[i % len(params)], seconds, keep_alive, queue)
+            target=_worker, args=(targets[i % len(targets)], kind, seconds, keep_alive, queue)
         )
         for i in range(workers)
     ]
-    _progress(f"API calls, {workers} workers, keep-alive {keep_alive}")
+    _progress(f"{kind} requests, {workers} workers, keep-alive {keep_alive}")
     start = time.monotonic()
     for proc in procs:
         proc.start()
@@ -102,6 +138,7 @@ def api_throughput(sb: fleet.SandboxInfo, seconds: float, workers: int, keep_ali
     elapsed = time.monotonic() - start
     ok = sum(r[0] for r in results)
     return {
+        "kind": kind,
         "keep_alive": keep_alive,
         "workers": workers,
         "seconds": round(elapsed, 2),
@@ -155,27 +192,36 @@ async def _ssh_sessions(sb: fleet.SandboxInfo, ports: list[int]) -> dict:
     }
 
 
-def _connect_tunnels(sb: fleet.SandboxInfo) -> list[int]:
-    api_url, params, uuids = _host_params(sb.inventory)
-    sb.client.set_faults(offline_after=3600.0, rate_limit=0)
-    for uuid in uuids:
-        sb.client.heartbeat(uuid, "bench", 0)  # the benchmark stands in for the clients
+def _tunnel_world(root: Path, count: int) -> fleet.SandboxInfo:
+    """``count`` hosts with real clients on the ``real`` profile (a poll every 5 s),
+    no API latency and no rate limit."""
+    return fleet.up(
+        root, hosts=count, profile="real", api_latency=0.0, rate_limit=0, wait_timeout=60 + count
+    )
+
+
+def _connect_tunnels(sb: fleet.SandboxInfo) -> tuple[list[int], float]:
+    """``connect`` every host, then wait until each client has opened its tunnel
+    (at its next poll): the IPORTs, and the seconds from the first connect."""
+    api_url, params = _host_params(sb.inventory)
     url = urllib.parse.urlsplit(api_url.format(call="connect"))
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    started = time.monotonic()
     for p in params:
         conn.request("GET", f"{url.path}?{urllib.parse.urlencode(p)}")
         reply = json.loads(conn.getresponse().read())
         if reply["error_code"] != 0:
             raise RuntimeError(f"connect failed: {reply}")
-    return list(sb.ssh_ports.values())
+    sb.client.wait_tunnel(sb.hosts, timeout=60 + 0.1 * len(params))
+    return list(sb.ssh_ports.values()), time.monotonic() - started
 
 
 def tunnels_ssh(root: Path, count: int) -> dict:
     _progress(f"{count} tunnels with an SSH session each")
-    sb = fleet.up(root, hosts=count, rate_limit=0, clients=False)
+    sb = _tunnel_world(root, count)
     try:
-        ports = _connect_tunnels(sb)
-        return asyncio.run(_ssh_sessions(sb, ports))
+        ports, up_seconds = _connect_tunnels(sb)
+        return {**asyncio.run(_ssh_sessions(sb, ports)), "tunnels_up_seconds": round(up_seconds, 2)}
     finally:
         fleet.down(root)
         _progress("done")
@@ -183,10 +229,10 @@ def tunnels_ssh(root: Path, count: int) -> dict:
 
 def tunnels_raw(root: Path, count: int) -> dict:
     _progress(f"{count} tunnels with a raw TCP connection each")
-    sb = fleet.up(root, hosts=count, rate_limit=0, clients=False)
+    sb = _tunnel_world(root, count)
     socks = []
     try:
-        ports = _connect_tunnels(sb)
+        ports, up_seconds = _connect_tunnels(sb)
         start = time.monotonic()
         for port in ports:
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
@@ -202,6 +248,7 @@ def tunnels_raw(root: Path, count: int) -> dict:
             "connections_relayed_at_peak": relayed,
             "ssh_banners_read": banners,
             "seconds": round(elapsed, 2),
+            "tunnels_up_seconds": round(up_seconds, 2),
         }
     finally:
         for sock in socks:
@@ -215,7 +262,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--tunnels", default="200,400")
-    parser.add_argument("--raw-tunnels", type=int, default=1000)
+    parser.add_argument("--raw-tunnels", type=int, default=500)
     parser.add_argument("--keep", metavar="DIR", help="Keep the sandboxes (logs) in DIR.")
     args = parser.parse_args()
     report: dict = {
@@ -231,6 +278,10 @@ def main() -> int:
             report["api"] = [
                 api_throughput(sb, args.seconds, args.workers, keep_alive=True),
                 api_throughput(sb, args.seconds, args.workers, keep_alive=False),
+            ]
+            report["polls"] = [
+                api_throughput(sb, args.seconds, args.workers, keep_alive=True, kind="poll"),
+                api_throughput(sb, args.seconds, args.workers, keep_alive=False, kind="poll"),
             ]
         finally:
             fleet.down(root / "api")
