@@ -13,6 +13,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # some host rolled_back / failed / skipped, none unsafe
 EXIT_USAGE = 2  # usage, inventory or template error: nothing touched
 EXIT_UNSAFE = 3  # some host's end state is not verified
+EXIT_OFFLINE = 4  # --wait-offline: every host succeeded but some stayed offline (nothing touched)
 EXIT_INTERRUPTED = 130  # interrupted, after the safe wind-down
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from deployer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSAFE, ApiError
+from deployer.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OFFLINE,
+    EXIT_OK,
+    EXIT_UNSAFE,
+    ApiError,
+)
 
 
 class Outcome(str, Enum):
@@ -23,6 +30,7 @@ class Outcome(str, Enum):
     UNSAFE = "unsafe"
     SKIPPED = "skipped"
     PLANNED = "planned"
+    OFFLINE = "offline"  # --wait-offline: the client never came online long enough to trust
 
     def __str__(self) -> str:
         return self.value
@@ -102,6 +110,7 @@ class HostResult:
     steps: list[StepRecord] = field(default_factory=list)
     error: ErrorInfo | None = None
     diff: str | None = None  # --dry-run only; not part of the JSON contract
+    waiting_seconds: float = 0.0  # --wait-offline: how long it was parked, its client offline
     installed_mode: str | None = None  # "0755": the script found at inspect; None if none
 
     @property
@@ -124,6 +133,7 @@ class HostResult:
             "duration_seconds": round(self.duration_seconds, 3),
             "steps": [s.to_json() for s in self.steps],
             "error": self.error.to_json() if self.error else None,
+            "waiting_seconds": round(self.waiting_seconds, 3),
             "installed_mode": self.installed_mode,
         }
 
@@ -159,7 +169,11 @@ class RunResult:
             return EXIT_UNSAFE
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_OK if self.ok else EXIT_FAILED
+        if self.ok:
+            return EXIT_OK
+        if all(h.succeeded or h.result is Outcome.OFFLINE for h in self.hosts):
+            return EXIT_OFFLINE  # only hosts that never came online are left: re-run later
+        return EXIT_FAILED
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,14 @@ import re
 
 import pytest
 
-from deployer.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSAFE, ClientBlocked
+from deployer.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OFFLINE,
+    EXIT_OK,
+    EXIT_UNSAFE,
+    ClientBlocked,
+)
 from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord
 
 pytestmark = pytest.mark.unit
@@ -27,10 +34,20 @@ HOST_KEYS = {
     "steps",
     "error",
     "installed_mode",
+    "waiting_seconds",
 }
 STEP_KEYS = {"step", "status", "seconds"}
 ERROR_KEYS = {"step", "type", "message", "api_error_code"}
-RESULTS = ["upgraded", "unchanged", "rolled_back", "failed", "unsafe", "skipped", "planned"]
+RESULTS = [
+    "upgraded",
+    "unchanged",
+    "rolled_back",
+    "failed",
+    "unsafe",
+    "skipped",
+    "planned",
+    "offline",
+]
 STEP_STATUSES = {"ok", "failed", "skipped", "undone"}
 
 
@@ -44,10 +61,17 @@ def full_run() -> list[HostResult]:
     error = ErrorInfo.from_exception(ClientBlocked("blocked", call="connect"), "connect")
     upgraded = HostResult("pi-01", Outcome.UPGRADED, "a" * 64, "b" * 64, 1.9, 6, 4.2, steps[:1])
     upgraded.installed_mode = "0755"  # the script found at inspect: readable by others
+    upgraded.waiting_seconds = 62.5004  # --wait-offline: parked until its client came back
+    offline = HostResult(
+        "pi-04", Outcome.OFFLINE, api_calls=7, steps=[StepRecord("wait", "failed", 90)]
+    )
+    offline.error = ErrorInfo("wait", "ClientOffline", "client not seen online")
+    offline.waiting_seconds = 90.0
     return [
         upgraded,
         HostResult("pi-02", Outcome.ROLLED_BACK, "a" * 64, "b" * 64, 2, 9, 12, steps, error),
         HostResult("pi-03", Outcome.SKIPPED, error=ErrorInfo(None, "RolloutStopped", "why")),
+        offline,
     ]
 
 
@@ -81,11 +105,21 @@ def test_host_keys_and_types():
         assert host["error"] is None or isinstance(host["error"], dict)
         mode = host["installed_mode"]
         assert mode is None or (isinstance(mode, str) and re.fullmatch("[0-7]{4}", mode))
+        waiting = host["waiting_seconds"]
+        assert isinstance(waiting, (int, float)) and not isinstance(waiting, bool)
+
+
+def test_waiting_seconds_is_the_time_parked_rounded_to_milliseconds():
+    hosts = document(full_run())["hosts"]
+    assert [h["waiting_seconds"] for h in hosts] == [62.5, 0.0, 0.0, 90.0]
+    assert hosts[3]["result"] == "offline"
+    assert hosts[3]["error"]["step"] == "wait"
+    assert hosts[3]["steps"] == [{"step": "wait", "status": "failed", "seconds": 90.0}]
 
 
 def test_installed_mode_is_the_octal_mode_found_at_inspect_or_null():
     hosts = document(full_run())["hosts"]
-    assert [h["installed_mode"] for h in hosts] == ["0755", None, None]
+    assert [h["installed_mode"] for h in hosts] == ["0755", None, None, None]
 
 
 def test_step_keys_and_types():
@@ -121,6 +155,7 @@ def test_summary_counts_every_result_name():
     assert doc["summary"]["upgraded"] == 1
     assert doc["summary"]["rolled_back"] == 1
     assert doc["summary"]["skipped"] == 1
+    assert doc["summary"]["offline"] == 1
     assert sum(doc["summary"].values()) == len(doc["hosts"])
 
 
@@ -134,6 +169,12 @@ def test_summary_counts_every_result_name():
         (["upgraded", "unsafe", "failed"], False, False, EXIT_UNSAFE),
         (["upgraded", "skipped"], True, False, EXIT_INTERRUPTED),
         (["unsafe", "skipped"], True, False, EXIT_UNSAFE),  # unsafe wins over 130
+        (["upgraded", "unchanged", "offline"], False, False, EXIT_OFFLINE),
+        (["offline"], False, False, EXIT_OFFLINE),
+        (["upgraded", "offline", "failed"], False, False, EXIT_FAILED),  # 1 wins over 4
+        (["offline", "skipped"], False, False, EXIT_FAILED),
+        (["offline", "skipped"], True, False, EXIT_INTERRUPTED),
+        (["offline", "unsafe"], False, False, EXIT_UNSAFE),
     ],
 )
 def test_ok_and_exit_code(results, interrupted, ok, exit_code):
