@@ -11,6 +11,14 @@ effective rate halves (not below ``rate / 16``; at most once per half
 second, so one burst of 22s from many threads counts once). Each successful
 call (:meth:`RateLimiter.record_success`) gives back ``rate / 32``, so the
 full rate returns gradually (16 successes after one halving), not at once.
+
+Background calls (watching parked hosts, ``--wait-offline``) go through
+:meth:`RateLimiter.background`: a view whose :meth:`BackgroundLimiter.acquire`
+takes a slot only when no foreground call holds the next one (it never
+reserves ahead, so a foreground call that arrives meanwhile goes first and
+waits at most one slot for it), and at most ``share`` of the effective rate
+(a :class:`BackgroundShare`). While the rollout's own calls keep every slot
+busy, background calls wait: they use spare capacity only.
 """
 
 from __future__ import annotations
@@ -30,6 +38,20 @@ class SlowDownPolicy:
 
 
 DEFAULT_SLOW_DOWN = SlowDownPolicy()
+
+
+@dataclass(frozen=True)
+class BackgroundShare:
+    """How much of the rate background calls may use (data, not code)."""
+
+    share: float = 0.1  # at most this share of the effective rate
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share <= 1:
+            raise ValueError(f"background share must be in (0, 1], got {self.share!r}")
+
+
+DEFAULT_BACKGROUND = BackgroundShare()
 
 
 class RateLimiter:
@@ -59,6 +81,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._effective = self.rate
         self._tat: float | None = None  # theoretical arrival time of the next call
+        self._background_tat: float | None = None  # ... of the next background call
         self._last_slow_down: float | None = None
 
     def __repr__(self) -> str:
@@ -94,6 +117,23 @@ class RateLimiter:
             return not self._clock.sleep(wait, cancel)
         return not (cancel is not None and cancel.is_set())
 
+    def background(self, share: BackgroundShare = DEFAULT_BACKGROUND) -> BackgroundLimiter:
+        """A view of this limiter for low-priority calls; see the module docstring."""
+        return BackgroundLimiter(self, share)
+
+    def _try_background(self, share: float) -> float:
+        """Take a slot now if the foreground leaves it free and the share allows;
+        return 0.0 if taken, else how long to wait before trying again."""
+        with self._lock:
+            now = self._clock.now()
+            interval = 1.0 / self._effective
+            ready = max([now] + [t for t in (self._tat, self._background_tat) if t is not None])
+            if ready > now:
+                return ready - now
+            self._tat = now + interval  # the slot is used: foreground calls see it taken
+            self._background_tat = now + interval / share
+            return 0.0
+
     def slow_down(self) -> None:
         """The provider said 22: halve the effective rate (bounded below)."""
         with self._lock:
@@ -111,3 +151,43 @@ class RateLimiter:
             if self._effective < self.rate:
                 step = self.rate * self.policy.recovery
                 self._effective = min(self.rate, self._effective + step)
+
+
+class BackgroundLimiter:
+    """A low-priority view of a :class:`RateLimiter` with the interface
+    :class:`~deployer.api.ProviderAPI` uses (``acquire``, ``slow_down``,
+    ``record_success``): a 22 seen by a background call slows the shared limiter."""
+
+    def __init__(self, limiter: RateLimiter, share: BackgroundShare = DEFAULT_BACKGROUND):
+        self.limiter = limiter
+        self.policy = share
+        self._clock = limiter._clock
+
+    def __repr__(self) -> str:
+        return f"BackgroundLimiter(share={self.policy.share}, {self.limiter!r})"
+
+    @property
+    def effective_rate(self) -> float:
+        """The most background calls per second this view allows now."""
+        return self.limiter.effective_rate * self.policy.share
+
+    def acquire(self, cancel: threading.Event | None = None, max_wait: float | None = None) -> bool:
+        """Block until a background call may be made. False if ``cancel`` was set,
+        or if no slot came within ``max_wait`` seconds."""
+        give_up = None if max_wait is None else self._clock.now() + max_wait
+        while True:
+            if cancel is not None and cancel.is_set():
+                return False
+            wait = self.limiter._try_background(self.policy.share)
+            if wait <= 0:
+                return True
+            if give_up is not None and self._clock.now() + wait > give_up:
+                return False
+            if self._clock.sleep(wait, cancel):  # then try again: the foreground may have come
+                return False
+
+    def slow_down(self) -> None:
+        self.limiter.slow_down()
+
+    def record_success(self) -> None:
+        self.limiter.record_success()

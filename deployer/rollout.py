@@ -25,6 +25,33 @@ Interrupts: the first :meth:`Rollout.interrupt` (Ctrl-C) stops scheduling and
 lets in-flight hosts finish their staged upgrade; the second sets every
 in-flight :attr:`HostControl.abort`, which the workflow polls to roll back
 now. Either way each host ends with its window closed (the workflow's job).
+
+**Waiting for offline hosts** (``--wait-offline``, an :class:`OfflineWait`):
+before a host's upgrade the rollout looks at its ``client_status`` itself;
+offline, the host is **parked** (:mod:`deployer.parking`) instead of failed,
+and a watcher thread looks at it at a low share of the API rate until it is
+trusted; then it is upgraded in the next free slot, before any host not
+started yet. The workflow's preflight takes the rollout's fresh look as its
+own (:attr:`HostControl.seen_online`). The rules around it:
+
+* nothing is in flight for a parked host: a stop (Ctrl-C, the budget, a
+  canary) ends every parked host at once as ``skipped`` with the reason;
+* at the deadline every host still parked ends ``offline`` (a host first
+  reached after the deadline and found offline, too); trusted hosts and
+  hosts in flight go on;
+* ``offline`` is not a failure: it does not count against the budget;
+* a host whose client vanished between the look and its upgrade — the
+  workflow failed it before anything changed, for want of a client
+  (:data:`CLIENT_GONE`: offline at preflight, ``connect`` answering 24 or 11,
+  no tunnel within ``tunnel_timeout``) — is parked again instead of counted
+  failed, up to :attr:`WaitPolicy.attempts` upgrades in all;
+* a wave is done once each of its hosts is finished **or parked**; a parked
+  host of an earlier wave that returns runs beside the later waves (within
+  ``parallel``), ahead of them;
+* except the canary wave: a parked canary holds it (it has not passed), so
+  no other host starts before it is back and upgraded; still offline at the
+  deadline, it ends ``offline`` and the canary fails (``canary failed
+  (pi-01: offline)``).
 """
 
 from __future__ import annotations
@@ -40,10 +67,12 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from deployer.clock import Clock
 from deployer.errors import UsageError
 from deployer.events import EventSink
 from deployer.model import HostConfig
-from deployer.result import ErrorInfo, HostResult, Outcome
+from deployer.parking import WAIT_STEP, ParkedHost, Parking, WaitPolicy, Watcher
+from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
 from deployer.secrets import scrub
 
 log = logging.getLogger(__name__)
@@ -59,10 +88,26 @@ RUN_STOPPING_CODES = frozenset({21, 32})
 ACCOUNT_SUSPECT_CODES = frozenset({31})
 
 SKIPPED_ERROR_TYPE = "RolloutStopped"
+#: (step, error type) of a ``failed`` host whose client went away before its
+#: upgrade changed anything: with ``--wait-offline`` it waits again
+CLIENT_GONE = frozenset(
+    {
+        ("preflight", "ClientOffline"),
+        ("tunnel", "ClientInactive"),
+        ("tunnel", "NotConnected"),
+        ("ssh", "TunnelNotUp"),
+    }
+)
+OFFLINE_ERROR_TYPE = "ClientOffline"
+WAKE_TICK = 0.25  # seconds: how soon the scheduler sees a host the watcher trusted
 INTERRUPTED_REASON = "interrupted"
 CANARY_FAILED_REASON = "canary failed"
 
 _COUNT_RE = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
+#: units of a duration (``--wait-offline``): ``90s``, ``30m``, ``24h``, ``2d``, ``1h30m``
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 30 * 86400  # a month: longer is almost surely a typo
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
 def parse_count(spec: str, total: int, what: str, *, minimum: int = 1) -> int:
@@ -82,6 +127,29 @@ def parse_count(spec: str, total: int, what: str, *, minimum: int = 1) -> int:
     if number < minimum:
         raise UsageError(f"{what}: {spec!r} is too small; use a number >= {minimum}")
     return number
+
+
+def parse_duration(spec: str, what: str = "--wait-offline") -> float:
+    """Turn ``"90s"``, ``"30m"``, ``"24h"``, ``"2d"`` or ``"1h30m"`` into seconds.
+
+    Every number needs its unit (a bare ``30`` could mean seconds or minutes);
+    the total must be above 0 and at most :data:`MAX_DURATION`. A bad spec
+    raises :class:`UsageError` (exit 2).
+    """
+    text = str(spec).strip().lower()
+    parts = _DURATION_PART_RE.findall(text)
+    usage = "use a number with a unit: 90s, 30m, 24h, 2d or 1h30m"
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise UsageError(f"{what}: {spec!r} is not a duration; {usage}")
+    units = [u for _, u in parts]
+    if len(set(units)) != len(units):
+        raise UsageError(f"{what}: {spec!r} repeats a unit; {usage}")
+    seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UsageError(f"{what}: {spec!r} is zero; {usage}")
+    if seconds > MAX_DURATION:
+        raise UsageError(f"{what}: {spec!r} is longer than {MAX_DURATION // 86400}d")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -136,10 +204,41 @@ class HostControl:
 
     host: str
     abort: threading.Event = field(default_factory=threading.Event)
+    #: the rollout saw the client online a moment ago (``--wait-offline``): the
+    #: workflow's preflight may take that look as its own instead of asking again
+    seen_online: bool = False
+
+
+@dataclass
+class OfflineWait:
+    """``--wait-offline``: park hosts whose client is offline, until ``deadline``.
+
+    ``look`` is ``client_status`` at the rollout's own priority (the look
+    before an upgrade); ``watch`` is the same at the watching share of the
+    rate. Both may raise :class:`~deployer.errors.ApiError`. ``deadline`` is on
+    ``clock``; ``wall_deadline`` (epoch seconds) goes to the journal and the
+    live view.
+    """
+
+    deadline: float
+    look: Callable[[HostConfig], bool]
+    watch: Callable[[HostConfig], bool]
+    offline_detection: float
+    policy: WaitPolicy = field(default_factory=WaitPolicy)
+    clock: Clock = field(default_factory=Clock)
+    wall_deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.wall_deadline is None:
+            self.wall_deadline = self.clock.wall() + (self.deadline - self.clock.now())
+
+    def left(self) -> float:
+        """Seconds until the deadline (negative once it passed)."""
+        return self.deadline - self.clock.now()
 
 
 RunHost = Callable[[HostConfig, HostControl], HostResult]
-_HostFuture = cf.Future  # of (result, made up by the rollout)
+_HostFuture = cf.Future  # of (result or None if parked, made up by the rollout)
 
 
 class Rollout:
@@ -162,6 +261,7 @@ class Rollout:
         *,
         handle_signals: bool = True,
         host_events: bool = True,
+        wait: OfflineWait | None = None,
     ):
         self.hosts = list(hosts)
         self.handle_signals = handle_signals
@@ -177,6 +277,14 @@ class Rollout:
         self._results: dict[int, HostResult] = {}
         self._failures = 0
         self._succeeded = 0
+        self.wait = wait
+        self._in_flight: dict[_HostFuture, int] = {}
+        self._parking = Parking(wait.offline_detection, wait.policy) if wait else None
+        self._wait_open: set[int] = set()  # parked hosts whose wait step began, not ended
+        self._waited: dict[int, float] = {}  # seconds each host back from parking waited
+        self._attempts: dict[int, int] = {}  # upgrades run per host (--wait-offline)
+        self._wake = threading.Event()  # the watcher trusted a host, or a stop
+        self._halt = threading.Event()  # the watcher ends
 
     # --- public -------------------------------------------------------------
 
@@ -209,6 +317,7 @@ class Rollout:
             count = self._interrupts
             self._stop(INTERRUPTED_REASON)
             controls = list(self._controls.values())
+        self._wake.set()
         if count >= 2:
             for control in controls:
                 control.abort.set()
@@ -223,6 +332,7 @@ class Rollout:
         """
         in_main_thread = threading.current_thread() is threading.main_thread()
         signals = interrupt_on_signals(self) if self.handle_signals and in_main_thread else None
+        watcher = self._watcher()
         with (
             signals or contextlib.nullcontext(),
             cf.ThreadPoolExecutor(
@@ -230,50 +340,110 @@ class Rollout:
                 thread_name_prefix="deployer-host",
             ) as pool,
         ):
-            for wave in self.policy.waves(len(self.hosts)):
-                if self._stop_reason:
-                    break
-                self._run_wave(pool, wave)
+            if watcher is not None:
+                watcher.start()
+            try:
+                for number, wave in enumerate(self.policy.waves(len(self.hosts))):
+                    if self._stop_reason:
+                        break
+                    self._run_wave(pool, wave, holds_parked=number == 0 and self.limits.canary > 0)
+                self._run_wave(pool, range(0), holds_parked=True)  # in flight, parked: the rest
+            finally:
+                if watcher is not None:
+                    watcher.stop()
+        self._end_parked()
         self._skip_the_rest()
         return [self._results[i] for i in range(len(self.hosts))]
 
     # --- scheduling ---------------------------------------------------------
 
-    def _run_wave(self, pool: cf.ThreadPoolExecutor, wave: range) -> None:
+    def _run_wave(self, pool: cf.ThreadPoolExecutor, wave: range, *, holds_parked: bool) -> None:
+        """Run ``wave`` until each of its hosts finished or is parked; with
+        ``holds_parked`` (the canary wave; the last call), until none is parked."""
         pending = list(wave)
-        in_flight: dict[_HostFuture, int] = {}
-        while in_flight or (pending and not self._stop_reason):
-            while pending and not self._stop_reason and len(in_flight) < self.limits.parallel:
-                index = pending.pop(0)
-                in_flight[self._submit(pool, index)] = index
-            if not in_flight:
-                break
-            for future in self._wait(in_flight):
-                self._finish(in_flight.pop(future), future)
+        members = set(wave) if len(wave) else None  # None: every host of the run
+        while True:
+            self._wake.clear()
+            self._expire_at_deadline()
+            self._fill(pool, pending)
+            if self._wave_done(pending, members, holds_parked):
+                return
+            self._wait_for_progress()
 
-    def _submit(self, pool: cf.ThreadPoolExecutor, index: int) -> _HostFuture:
+    def _wave_done(self, pending: list[int], members: set[int] | None, holds_parked: bool) -> bool:
+        def ours(indexes) -> bool:
+            return any(members is None or i in members for i in indexes)
+
+        if pending and not self._stop_reason:
+            return False
+        if ours(self._in_flight.values()):
+            return False
+        parked = self._parking.indexes() if self._parking is not None else set()
+        return not (holds_parked and not self._stop_reason and ours(parked))
+
+    def _fill(self, pool: cf.ThreadPoolExecutor, pending: list[int]) -> None:
+        """Hand hosts to free slots: parked hosts that came back first, then ``pending``."""
+        while not self._stop_reason and len(self._in_flight) < self.limits.parallel:
+            entry = self._parking.take_ready() if self._parking is not None else None
+            if entry is not None:
+                self._in_flight[self._submit(pool, entry.index, entry)] = entry.index
+            elif pending:
+                index = pending.pop(0)
+                self._in_flight[self._submit(pool, index)] = index
+            else:
+                return
+
+    def _wait_for_progress(self) -> None:
+        """Until a host finishes, the watcher trusts a host, a stop, or a tick."""
+        tick = self._tick()
+        if self._in_flight:
+            for future in self._wait(self._in_flight, tick):
+                self._finish(self._in_flight.pop(future), future)
+        else:
+            try:
+                self._wake.wait(tick)
+            except KeyboardInterrupt:
+                log.warning(_interrupt_notice(self.interrupt()))
+
+    def _tick(self) -> float | None:
+        """How long to block at most: None (until a host finishes) without parked hosts."""
+        if self._parking is None or not len(self._parking):
+            return None
+        left = self.wait.left()
+        return min(WAKE_TICK, left) if left > 0 else WAKE_TICK
+
+    def _submit(
+        self, pool: cf.ThreadPoolExecutor, index: int, parked: ParkedHost | None = None
+    ) -> _HostFuture:
         host = self.hosts[index]
         control = HostControl(host.name)
         with self._lock:
             self._controls[index] = control
             if self._interrupts >= 2:
                 control.abort.set()
-        if self.host_events:
+        if self.host_events and self.wait is None:
             self._emit("host_started", host.name)
-        return pool.submit(self._call_run_host, host, control)
+        if parked is not None and self.wait is not None:
+            control.seen_online = parked.fresh(self.wait.clock.now(), self.wait.policy)
+        return pool.submit(self._call_run_host, host, control, index)
 
-    def _wait(self, in_flight: dict[_HostFuture, int]) -> set[_HostFuture]:
-        """Wait for at least one host to finish; a Ctrl-C while waiting is an interrupt."""
+    def _wait(self, in_flight: dict[_HostFuture, int], timeout: float | None = None):
+        """Wait for at least one host to finish (or ``timeout``); a Ctrl-C while
+        waiting is an interrupt."""
         while True:
             try:
-                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait(in_flight, timeout=timeout, return_when=cf.FIRST_COMPLETED)
                 return done
             except KeyboardInterrupt:
                 count = self.interrupt()
                 log.warning(_interrupt_notice(count))
 
-    def _call_run_host(self, host: HostConfig, control: HostControl) -> tuple[HostResult, bool]:
-        """The host's result, and whether the rollout made it up (run_host reported none)."""
+    def _call_run_host(
+        self, host: HostConfig, control: HostControl, index: int | None = None
+    ) -> tuple[HostResult | None, bool]:
+        """The host's result (None: parked), and whether the rollout made it up."""
+        if self.wait is not None and index is not None and not self._look_first(index, control):
+            return None, False
         try:
             result = self.run_host(host, control)
         except Exception as exc:  # the workflow catches everything; this is a bug
@@ -306,12 +476,148 @@ class Rollout:
             result, made_up = HostResult(self.hosts[index].name, Outcome.UNSAFE, error=error), True
         with self._lock:
             self._controls.pop(index, None)
+        if result is None:
+            self._park(index)
+            return
+        if self._client_gone(index, result):
+            log.warning(
+                "%s: its client went away before the upgrade changed anything (%s at %s): "
+                "waiting for it again",
+                result.host,
+                result.error.type,
+                result.error.step,
+            )
+            self._park(index)
+            return
+        self._with_wait(index, result)
+        self._record_result(index, result)
+        if self.host_events or made_up:
+            self._emit("host_finished", result)
+
+    def _record_result(self, index: int, result: HostResult) -> None:
+        with self._lock:
             self._results[index] = result
             self._apply_fleet_policy(result)
             if index < self.limits.canary and result.result not in SUCCESS_OUTCOMES:
                 self._stop(f"{CANARY_FAILED_REASON} ({result.host}: {result.result.value})")
-        if self.host_events or made_up:
-            self._emit("host_finished", result)
+
+    # --- waiting for offline hosts ------------------------------------------
+
+    def _watcher(self) -> Watcher | None:
+        if self.wait is None or self._parking is None:
+            return None
+        wait = self.wait
+
+        def look(index: int) -> bool | None:
+            return wait.watch(self.hosts[index])
+
+        return Watcher(self._parking, look, wait.clock, self._wake.set, self._halt)
+
+    def _look_first(self, index: int, control: HostControl) -> bool:
+        """The look before an upgrade (in a worker): False if the client is offline.
+
+        A host back from parking that was seen online a moment ago is not
+        looked at again. A look that raises tells nothing: the workflow's own
+        preflight asks again and reports the error.
+        """
+        host, wait = self.hosts[index], self.wait
+        if not control.seen_online:
+            try:
+                online = bool(wait.look(host))
+            except Exception as exc:  # noqa: BLE001 - reported by the workflow's preflight
+                log.debug("%s: client_status before the upgrade failed: %s", host.name, exc)
+                online = None
+            if online is False:
+                return False
+            control.seen_online = online is True
+        if index in self._wait_open:
+            self._leave_parking(index)
+        self._attempts[index] = self._attempts.get(index, 0) + 1
+        if self.host_events:
+            self._emit("host_started", host.name)
+        return True
+
+    def _client_gone(self, index: int, result: HostResult) -> bool:
+        """A failure for want of a client, worth another wait (see the module docstring)."""
+        if self.wait is None or result.result is not Outcome.FAILED or result.error is None:
+            return False
+        attempts = self._attempts.get(index, 0)
+        return (
+            (result.error.step, result.error.type) in CLIENT_GONE
+            and attempts < self.wait.policy.attempts
+            and not self._stop_reason
+            and self.wait.left() > 0
+        )
+
+    def _park(self, index: int) -> None:
+        """Park a host whose client was offline, or end it if the wait is over."""
+        name, wait = self.hosts[index].name, self.wait
+        entry = self._parking.park(index, name, wait.clock.now())
+        entry.looks += 1  # the look that found it offline
+        if self._stop_reason or wait.left() <= 0:
+            self._end_waiting(self._parking.take(index))
+            return
+        if index not in self._wait_open:
+            self._wait_open.add(index)
+            facts = {"waiting": True, "wait_deadline": round(wait.wall_deadline, 3)}
+            self._emit("step_started", name, WAIT_STEP, facts)
+        self._wake.set()
+
+    def _leave_parking(self, index: int) -> None:
+        """A parked host is back and about to be upgraded: its wait step ends."""
+        entry = self._parking.record_of(index)
+        self._wait_open.discard(index)
+        waited = self.wait.clock.now() - entry.since
+        self._waited[index] = waited
+        facts = {"waiting": False, "looks": entry.looks}
+        self._emit("step_finished", entry.name, WAIT_STEP, "ok", waited, facts)
+
+    def _with_wait(self, index: int, result: HostResult) -> None:
+        """Add the host's wait (if it was parked) to its result."""
+        waited = self._waited.get(index)
+        if waited is None or result.waiting_seconds:
+            return
+        result.waiting_seconds = max(waited, 0.0)
+        result.steps.insert(0, StepRecord(WAIT_STEP, "ok", result.waiting_seconds))
+
+    def _expire_at_deadline(self) -> None:
+        """At the deadline, every host still waiting ends ``offline``."""
+        if self._parking is None or self.wait.left() > 0 or self._stop_reason:
+            return
+        for entry in self._parking.take_waiting():
+            self._end_waiting(entry)
+
+    def _end_parked(self) -> None:
+        """After the run: hosts still parked end ``skipped`` (a stop) or ``offline``."""
+        if self._parking is not None:
+            for entry in self._parking.take_all():
+                self._end_waiting(entry)
+
+    def _end_waiting(self, entry: ParkedHost) -> None:
+        wait = self.wait
+        waited = max(wait.clock.now() - entry.since, 0.0)
+        if self._stop_reason:
+            result = HostResult(
+                entry.name,
+                Outcome.SKIPPED,
+                error=ErrorInfo(step=None, type=SKIPPED_ERROR_TYPE, message=self._stop_reason),
+            )
+            status, facts = "skipped", {"waiting": True, "looks": entry.looks}
+        else:
+            message = f"client not seen online long enough to trust in {_span(waited)} of waiting"
+            result = HostResult(
+                entry.name,
+                Outcome.OFFLINE,
+                error=ErrorInfo(step=WAIT_STEP, type=OFFLINE_ERROR_TYPE, message=message),
+            )
+            status, facts = "failed", {"waiting": False, "looks": entry.looks}
+        result.waiting_seconds = waited
+        result.steps.append(StepRecord(WAIT_STEP, status, waited))
+        if entry.index in self._wait_open:
+            self._wait_open.discard(entry.index)
+            self._emit("step_finished", entry.name, WAIT_STEP, status, waited, facts)
+        self._record_result(entry.index, result)
+        self._emit("host_finished", result)
 
     # --- fleet policy -------------------------------------------------------
 
@@ -333,6 +639,8 @@ class Rollout:
                 self._stop_reason = reason
                 if reason != INTERRUPTED_REASON:  # the interrupt has its own notice
                     log.warning("rollout stopped: %s", reason)
+        self._halt.set()  # no host starts any more: watching is pointless
+        self._wake.set()
 
     def _skip_the_rest(self) -> None:
         reason = self._stop_reason or "not started"
@@ -354,6 +662,16 @@ class Rollout:
 def _account_reason(result: HostResult, code: int | None) -> str:
     kind = result.error.type if result.error else "error"
     return f"run stopped: account-level error (API code {code} on {result.host}: {kind})"
+
+
+def _span(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _interrupt_notice(count: int) -> str:
