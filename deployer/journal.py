@@ -18,6 +18,12 @@ credential, but it maps the fleet. A state dir or journal file found with a
 looser mode is tightened, with a log line; a state dir that holds anything but
 the journal (``--state-dir .``, a shared directory) is only reported.
 
+A host parked by ``--wait-offline`` (facts ``waiting: true``, a ``wait``
+step begun) has nothing in flight: it is not dangling, and ``recover`` leaves
+it alone. A later run of the same command on the same targets finds it with
+:meth:`Journal.pending_wait` and takes the wait over
+(:meth:`Journal.hand_over_wait`).
+
 Nothing secret is ever stored: callers pass host names, remote paths, step
 names, statuses, times, sha256s, booleans and already-masked error messages.
 Identifiers (run ids, host names, paths, sha256s, facts) are stored as they
@@ -128,6 +134,16 @@ class RunRecord:
     def is_live(self) -> bool:
         """True while the process that wrote this run still runs on this machine."""
         return process_is_live(self.machine, self.pid, self.pid_start)
+
+
+@dataclass(frozen=True)
+class PendingWait:
+    """An earlier run's wait that a new run of the same targets picks up."""
+
+    run_id: str
+    hosts: list[str]  # parked when that run ended (or died), never upgraded
+    deadline: float | None  # epoch seconds: when that run's wait was to end
+    finished: bool  # False: the run died without finishing
 
 
 @dataclass(frozen=True)
@@ -598,7 +614,8 @@ class Journal:
             "   WHERE s.run_id = h.run_id AND s.host = h.host"
             "   ORDER BY s.id DESC LIMIT 1) AS last_status"
             " FROM hosts h LEFT JOIN runs r ON r.run_id = h.run_id"
-            " WHERE h.result IS NULL"
+            # parked by --wait-offline: nothing in flight, nothing to recover
+            " WHERE (h.result IS NULL AND COALESCE(json_extract(h.facts, '$.waiting'), 0) = 0)"
             # a final result whose cleanup could not release the host lock
             "    OR json_extract(h.facts, '$.lock_maybe_held') = 1"
             " ORDER BY h.started, h.run_id, h.host",
@@ -627,6 +644,48 @@ class Journal:
                 )
             )
         return found
+
+    def pending_wait(self, command: str, inventory: str, hosts: list[str]) -> PendingWait | None:
+        """The wait left by the newest earlier run of ``command`` on exactly these
+        ``hosts`` (same inventory): its hosts still parked when it was interrupted
+        or died. None if that run left none, or still runs."""
+        rows = self._read(
+            "SELECT * FROM runs WHERE command = ? AND inventory = ? AND hosts = ?"
+            " ORDER BY started DESC, rowid DESC LIMIT 1",
+            (self._text(command), self._text(inventory), self._json(list(hosts))),
+        )
+        if not rows:
+            return None
+        run = _run_record(rows[0])
+        if run.finished is None and run.is_live():
+            return None
+        parked = self._read(
+            "SELECT host FROM hosts WHERE run_id = ?"
+            " AND json_extract(facts, '$.waiting') = 1 ORDER BY host",
+            (run.run_id,),
+        )
+        if not parked:
+            return None
+        deadline = run.options.get("wait_deadline")
+        return PendingWait(
+            run_id=run.run_id,
+            hosts=[row["host"] for row in parked],
+            deadline=float(deadline) if isinstance(deadline, int | float) else None,
+            finished=run.finished is not None,
+        )
+
+    def hand_over_wait(self, pending: PendingWait, new_run_id: str) -> None:
+        """The earlier run's parked hosts are the new run's now: they stop waiting
+        there (a host it left without a result ends ``skipped``), and a run that
+        died is marked finished (interrupted), so neither is picked up again."""
+        message = f"its wait was picked up by run {new_run_id}"
+        error = {"step": None, "type": "RolloutStopped", "message": message, "api_error_code": None}
+        for host in pending.hosts:
+            self.update_host(pending.run_id, host, waiting=False, picked_up_by=new_run_id)
+            if self.host_state(pending.run_id, host).get("result") in (None, "failed"):
+                self.finish_host(pending.run_id, host, "skipped", error=error)
+        if not pending.finished:
+            self.finish_run(pending.run_id, ok=False, interrupted=True)
 
     def runs(self, host: str | None = None, limit: int = 20) -> list[RunRecord]:
         """Past runs, newest first; with ``host``, only the runs that touched it."""
@@ -750,6 +809,7 @@ class JournalSink(EventSink):
                 "exposure_seconds": round(result.exposure_seconds, 3),
                 "api_calls": result.api_calls,
                 "duration_seconds": round(result.duration_seconds, 3),
+                "waiting_seconds": round(result.waiting_seconds, 3),
             },
         )
 

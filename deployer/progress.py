@@ -2,7 +2,8 @@
 
 On a terminal, :class:`LiveProgress` keeps a live display (rich) on stderr:
 hosts done of total, how many in-flight hosts are at each stage, failures and
-an ETA, with one line printed above it per finished host. Off a terminal (CI),
+an ETA, the hosts parked by ``--wait-offline`` (their ``wait`` step) and the
+time left to wait, with one line printed above it per finished host. Off a terminal (CI),
 :class:`PlainProgress` writes one plain line per host event, so a job log
 reads top to bottom. Both are thread-safe: the workflow calls them from the
 rollout's worker threads.
@@ -18,6 +19,7 @@ from typing import IO, Any
 
 from deployer.clock import Clock
 from deployer.events import EventSink
+from deployer.parking import WAIT_STEP
 from deployer.result import HostResult, Outcome
 from deployer.secrets import scrub
 
@@ -25,6 +27,7 @@ FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAF
 STARTING_STAGE = "starting"
 LIVE_REFRESH_PER_SECOND = 4
 BAR_WIDTH = 30
+WAITING_NAMES = 3  # parked hosts named on the live display; the rest are counted
 WARNING_PREFIX = "warning:"  # a message that starts so stands out on a terminal
 
 
@@ -75,9 +78,15 @@ def format_seconds(seconds: float) -> str:
 def host_line(result: HostResult) -> str:
     """``sbx-03 upgraded in 4.2s (exposure 0.31s)`` and the like, for one finished host."""
     name, outcome = result.host, result.result.value
+    waited = f" after waiting {format_seconds(result.waiting_seconds)}"
+    if not result.waiting_seconds:
+        waited = ""
     if result.result is Outcome.SKIPPED:
-        return f"{name} skipped: {result.error.message if result.error else 'not started'}"
-    line = f"{name} {outcome} in {result.duration_seconds:.1f}s"
+        reason = result.error.message if result.error else "not started"
+        return f"{name} skipped{waited}: {reason}"
+    if result.result is Outcome.OFFLINE:
+        return f"{name} offline: {result.error.message if result.error else 'never online'}"
+    line = f"{name} {outcome} in {result.duration_seconds:.1f}s{waited}"
     if result.exposure_seconds:
         line += f" (exposure {result.exposure_seconds:.2f}s)"
     if result.error:
@@ -88,6 +97,18 @@ def host_line(result: HostResult) -> str:
     return line
 
 
+def parked_line(host: str, state: ProgressState) -> str:
+    """``sbx-03 offline: waiting for its client (29m58s left)``."""
+    left = state.wait_left()
+    return f"{host} offline: waiting for its client" + (
+        f" ({format_seconds(left)} left)" if left is not None else ""
+    )
+
+
+def back_line(host: str, waited: float) -> str:
+    return f"{host} back online after waiting {format_seconds(waited)}: upgrading"
+
+
 class ProgressState:
     """What both displays know: done/total, stage of each in-flight host, failures, ETA."""
 
@@ -96,7 +117,9 @@ class ProgressState:
         self.clock = clock
         self.started_at: float | None = None
         self.stages: dict[str, str] = {}  # in-flight host -> current stage
+        self.waiting: dict[str, float | None] = {}  # parked host -> wait deadline (epoch)
         self.finished: set[str] = set()
+        self.results: dict[str, HostResult] = {}
         self.counts: Counter[str] = Counter()
         self.failures = 0
 
@@ -116,16 +139,43 @@ class ProgressState:
         self.stages[host] = STARTING_STAGE
         return True
 
-    def stage(self, host: str, step: str) -> None:
+    def stage(self, host: str, step: str, facts: dict[str, Any] | None = None) -> None:
         self.start()
-        if host not in self.finished:
+        if step == WAIT_STEP:  # parked (again): not in flight, nothing runs for it
+            self._unfinish(host)
+            self.waiting[host] = (facts or {}).get("wait_deadline")
+            self.stages.pop(host, None)
+        elif host not in self.finished:
             self.stages[host] = step
+
+    def _unfinish(self, host: str) -> None:
+        """A host parked again after a result (its client vanished before its
+        upgrade changed anything): it is not done; its last result is not counted."""
+        result = self.results.pop(host, None)
+        if result is None:
+            return
+        self.finished.discard(host)
+        self.counts[result.result.value] -= 1
+        self.failures -= result.result in FAILURE_OUTCOMES
+
+    def step_done(self, host: str, step: str) -> None:
+        if step == WAIT_STEP:
+            self.waiting.pop(host, None)
+
+    def wait_left(self) -> float | None:
+        """Seconds until the wait of the parked hosts ends (None: nobody waits)."""
+        deadlines = [d for d in self.waiting.values() if isinstance(d, int | float)]
+        if not deadlines:
+            return None
+        return max(0.0, max(deadlines) - self.clock.wall())
 
     def host_finished(self, result: HostResult) -> bool:
         self.stages.pop(result.host, None)
+        self.waiting.pop(result.host, None)
         if result.host in self.finished:
             return False
         self.finished.add(result.host)
+        self.results[result.host] = result
         self.counts[result.result.value] += 1
         self.failures += result.result in FAILURE_OUTCOMES
         return True
@@ -143,10 +193,26 @@ class ProgressState:
 
     def status_line(self) -> str:
         parts = [f"{self.done}/{self.total} done", f"{self.failures} failed"]
+        if self.waiting:
+            parts.append(self.waiting_summary())
         eta = self.eta()
         if eta is not None:
             parts.append(f"ETA {format_seconds(eta)}")
         return " · ".join(parts)
+
+    def waiting_summary(self) -> str:
+        """``2 waiting for their client, 29m10s left``."""
+        text = f"{len(self.waiting)} waiting for their client"
+        left = self.wait_left()
+        return text if left is None else f"{text}, {format_seconds(left)} left"
+
+    def waiting_line(self) -> str:
+        """``waiting: sbx-03, sbx-07, sbx-09 +2`` (empty if nobody waits)."""
+        if not self.waiting:
+            return ""
+        names = sorted(self.waiting)
+        more = len(names) - WAITING_NAMES
+        return "waiting: " + ", ".join(names[:WAITING_NAMES]) + (f" +{more}" if more > 0 else "")
 
     def stages_line(self) -> str:
         stages = self.per_stage()
@@ -193,11 +259,17 @@ class PlainProgress(EventSink):
 
     def step_started(self, host: str, step: str, facts: dict[str, Any] | None = None) -> None:
         with self._lock:
-            self.state.stage(host, step)
+            self.state.stage(host, step, facts)
+            if step == WAIT_STEP:
+                self._write(parked_line(host, self.state))
 
     def step_finished(self, host, step, status, seconds, facts=None) -> None:
         with self._lock:
-            self._write(f"{host} {step} {status} {seconds:.2f}s")
+            self.state.step_done(host, step)
+            if step != WAIT_STEP:
+                self._write(f"{host} {step} {status} {seconds:.2f}s")
+            elif status == "ok":
+                self._write(back_line(host, seconds))
 
     def host_finished(self, result: HostResult) -> None:
         with self._lock:
@@ -251,6 +323,8 @@ class LiveProgress(EventSink):
             lines = [grid]
             if state.stages_line():
                 lines.append(Text(state.stages_line(), style="dim"))
+            if state.waiting_line():
+                lines.append(Text(state.waiting_line(), style="yellow"))
             return Group(*lines)
 
     def _ensure_live(self) -> None:
@@ -298,8 +372,17 @@ class LiveProgress(EventSink):
 
     def step_started(self, host: str, step: str, facts: dict[str, Any] | None = None) -> None:
         with self._lock:
-            self.state.stage(host, step)
+            self.state.stage(host, step, facts)
+            line = parked_line(host, self.state) if step == WAIT_STEP else None
         self._ensure_live()
+        if line:
+            self._print(line, "yellow")
+
+    def step_finished(self, host, step, status, seconds, facts=None) -> None:
+        with self._lock:
+            self.state.step_done(host, step)
+        if step == WAIT_STEP and status == "ok":
+            self._print(back_line(host, seconds), "dim")
 
     def host_finished(self, result: HostResult) -> None:
         with self._lock:
@@ -307,7 +390,8 @@ class LiveProgress(EventSink):
                 return
         self._refresh()
         failed = result.result in FAILURE_OUTCOMES
-        style = "red" if failed else ("yellow" if result.result is Outcome.SKIPPED else None)
+        not_run = result.result in (Outcome.SKIPPED, Outcome.OFFLINE)
+        style = "red" if failed else ("yellow" if not_run else None)
         self._print(host_line(result), style)
 
     def message(self, host: str | None, text: str) -> None:

@@ -5,6 +5,15 @@ before any network call), fetch the provider's scripts and check the pinned
 hashes (``deployer.source``: a refusal fails that host before any host
 starts), then the rollout of :class:`~deployer.workflow.HostRun`
 over the fleet with one API session, one rate limiter and one journal.
+
+``--wait-offline`` (:attr:`UpgradeRequest.wait_offline`) adds an
+:class:`~deployer.rollout.OfflineWait`: hosts whose client is offline are
+parked and watched through a second API session whose calls take a low
+share of the same limiter (:meth:`~deployer.ratelimit.RateLimiter.background`).
+The run's wait deadline is the later of now + ``wait_offline`` and the
+deadline of a wait that the newest earlier run of the same command and targets
+left behind (:meth:`~deployer.journal.Journal.pending_wait`): a re-run picks
+that wait up, with or without ``--wait-offline``.
 """
 
 from __future__ import annotations
@@ -16,14 +25,15 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from deployer.events import EventSink, Fanout
 from deployer.model import HostConfig, Inventory
+from deployer.parking import WaitPolicy
 from deployer.plan import HostPlan, plan_host
 from deployer.result import RunResult
-from deployer.rollout import HostControl, Rollout, RolloutPolicy
+from deployer.rollout import HostControl, OfflineWait, Rollout, RolloutPolicy
 from deployer.workflow import HostRun, RunContext, UpgradeOptions
 
 log = logging.getLogger("deployer.upgrade")
@@ -40,6 +50,8 @@ class UpgradeRequest:
     online_timeout: float | None = None
     stable_for: float | None = None
     expect_sha256: str | None = None  # --expect-sha256: overrides each host's expect_sha256
+    wait_offline: float | None = None  # --wait-offline, seconds: park offline hosts this long
+    wait_policy: WaitPolicy = field(default_factory=WaitPolicy)
 
 
 def new_run_id() -> str:
@@ -108,7 +120,7 @@ def run_upgrade(
 ) -> RunResult:
     from deployer.api import ProviderAPI
     from deployer.journal import Journal, JournalSink
-    from deployer.ratelimit import RateLimiter
+    from deployer.ratelimit import BackgroundShare, RateLimiter
     from deployer.source import Settled, report_refused
 
     run_id = new_run_id()
@@ -121,7 +133,10 @@ def run_upgrade(
         else Journal(request.state_dir, secrets=inventory.secret_values())
     )
     events = Fanout(progress or EventSink(), JournalSink(journal, run_id) if journal else None)
+    pending = _pending_wait(journal, request, list(plans))
+    wait_deadline = _wait_deadline(request.wait_offline, pending, time.time())
     own_api = api is None
+    watch_api = api
     if own_api:
         limiter = RateLimiter(inventory.provider.rate_limit)
         api = ProviderAPI(
@@ -130,6 +145,9 @@ def run_upgrade(
             events=events,
             pool_size=max(4, request.policy.parallel * 2),
         )
+        if wait_deadline is not None:
+            share = BackgroundShare(request.wait_policy.share)
+            watch_api = ProviderAPI(inventory.provider, limiter=limiter.background(share))
     ctx = RunContext(
         run_id=run_id,
         inventory=inventory,
@@ -147,8 +165,11 @@ def run_upgrade(
             request.options.command,
             str(inventory.path),
             list(plans),
-            _journal_options(request),
+            {**_journal_options(request), "wait_deadline": wait_deadline},
         )
+        if pending is not None:
+            journal.hand_over_wait(pending, run_id)
+    _say_wait(pending, wait_deadline)
     events.run_started(run_id, list(plans))
 
     settled = Settled(plans)
@@ -156,12 +177,16 @@ def run_upgrade(
     def run_host(host: HostConfig, control: HostControl):
         if host.name in settled.refused:
             return report_refused(settled.refused[host.name], events)
-        return HostRun(ctx, settled.plans[host.name], control.abort).execute()
+        host_ctx = replace(ctx, api=SeenOnline(api, host.name)) if control.seen_online else ctx
+        return HostRun(host_ctx, settled.plans[host.name], control.abort).execute()
 
-    rollout = Rollout(request.hosts, run_host, request.policy, events, host_events=False)
+    wait = _offline_wait(request, wait_deadline, api, watch_api)
+    rollout = Rollout(request.hosts, run_host, request.policy, events, host_events=False, wait=wait)
     try:
         settled = _settle(request, plans, api)
         run.hosts = rollout.run()  # Ctrl-C / SIGTERM handled inside (deployer.rollout)
+        if wait is not None:
+            _count_watch_calls(run, api, watch_api)
     finally:
         run.finished = time.time()
         run.interrupted = rollout.interrupted
@@ -174,7 +199,92 @@ def run_upgrade(
             _finish_quietly(run_id, journal.close)
         if own_api:
             api.close()
+            if watch_api is not None and watch_api is not api:
+                watch_api.close()
     return run
+
+
+class SeenOnline:
+    """The provider API as one host's workflow sees it when the rollout has just
+    seen that host's client online (``--wait-offline``): the workflow's first
+    ``client_status`` — its preflight — takes that look as its own instead of
+    asking again. Every other call goes to the real API."""
+
+    def __init__(self, api, host_name: str):
+        self._api = api
+        self._host_name = host_name
+        self._used = False
+
+    def client_status(self, host: HostConfig) -> bool:
+        if not self._used and host.name == self._host_name:
+            self._used = True
+            return True
+        return self._api.client_status(host)
+
+    def __getattr__(self, name: str):
+        return getattr(self._api, name)
+
+
+def _offline_wait(request: UpgradeRequest, deadline: float | None, api, watch_api):
+    """The rollout's :class:`OfflineWait` for a wait ending at ``deadline`` (epoch)."""
+    if deadline is None:
+        return None
+    return OfflineWait(
+        deadline=time.monotonic() + (deadline - time.time()),
+        look=api.client_status,
+        watch=watch_api.client_status,
+        offline_detection=request.inventory.provider.offline_detection,
+        policy=request.wait_policy,
+        wall_deadline=deadline,
+    )
+
+
+def _pending_wait(journal, request: UpgradeRequest, hosts: list[str]):
+    if journal is None:
+        return None
+    return journal.pending_wait(request.options.command, str(request.inventory.path), hosts)
+
+
+def _wait_deadline(wait_offline: float | None, pending, now: float) -> float | None:
+    """The run's wait deadline (epoch seconds), or None: no wait. The later of
+    now + ``wait_offline`` and the deadline of the wait a re-run picks up."""
+    candidates = [now + wait_offline] if wait_offline else []
+    if pending is not None and pending.deadline is not None and pending.deadline > now:
+        candidates.append(pending.deadline)
+    return max(candidates) if candidates else None
+
+
+def _say_wait(pending, deadline: float | None) -> None:
+    if pending is None:
+        return
+    hosts = ", ".join(pending.hosts[:3]) + (", …" if len(pending.hosts) > 3 else "")
+    if deadline is None:
+        log.warning(
+            "run %s left %d host(s) waiting for their client (%s); that wait is over: "
+            "they get one look now (pass --wait-offline to wait again)",
+            pending.run_id,
+            len(pending.hosts),
+            hosts,
+        )
+        return
+    until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(deadline))
+    log.warning(
+        "picking up the wait of run %s: %d host(s) were waiting for their client (%s); "
+        "waiting until %s",
+        pending.run_id,
+        len(pending.hosts),
+        hosts,
+        until,
+    )
+
+
+def _count_watch_calls(run: RunResult, api, watch_api) -> None:
+    """Every host's API calls, the watcher's looks included."""
+    for host in run.hosts:
+        calls = api.calls_for(host.host)
+        if watch_api is not api:
+            calls += watch_api.calls_for(host.host)
+        host.api_calls = calls
 
 
 def _finish_quietly(run_id: str, action) -> None:
@@ -218,4 +328,5 @@ def _journal_options(request: UpgradeRequest) -> dict:
         "online_timeout": request.online_timeout,
         "stable_for": request.stable_for,
         "expect_sha256": request.expect_sha256,
+        "wait_offline": request.wait_offline,
     }

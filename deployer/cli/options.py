@@ -40,6 +40,30 @@ def rollout_options() -> list:
     ]
 
 
+def wait_offline_option():
+    return click.option(
+        "--wait-offline",
+        metavar="DURATION",
+        callback=_check_duration,
+        help="Park hosts whose client is offline instead of failing them, and upgrade "
+        "each once it has been back long enough to trust; hosts still offline after "
+        "DURATION (90s, 30m, 24h, 1h30m) end 'offline'. A re-run of the same targets "
+        "picks up a wait that was interrupted.",
+    )
+
+
+def _check_duration(ctx: click.Context, param: click.Parameter, value: str | None):
+    from deployer.errors import UsageError
+    from deployer.rollout import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, what=param.opts[0])
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
 def expect_sha256_option():
     return click.option(
         "--expect-sha256",

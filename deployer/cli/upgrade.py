@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
-from deployer.cli.options import expect_sha256_option, parse_vars, rollout_options
+from deployer.cli.options import (
+    expect_sha256_option,
+    parse_vars,
+    rollout_options,
+    wait_offline_option,
+)
 
 
 def _common(func):
@@ -20,6 +25,7 @@ def _common(func):
         ),
         click.option("--force", is_flag=True, help="Reinstall even if the script is unchanged."),
         *rollout_options(),
+        wait_offline_option(),
         click.option(
             "--online-timeout",
             type=click.FloatRange(min=0.1),
@@ -97,6 +103,7 @@ def _run(
     force,
     online_timeout,
     stable_for,
+    wait_offline,
     break_lock,
     as_json,
     report,
@@ -127,6 +134,7 @@ def _run(
         online_timeout=online_timeout,
         stable_for=stable_for,
         expect_sha256=expect_sha256,
+        wait_offline=wait_offline,
     )
     secrets = inventory.secret_values()
     progress = make_progress(sys.stderr, len(hosts), quiet=obj.quiet, secrets=secrets)
