@@ -1,4 +1,4 @@
-"""``deployer sandbox up|down|status``: the local simulated fleet (SPEC 7).
+"""``deployer sandbox up|down|status|client``: the local simulated fleet (SPEC 7).
 
 Only unpacks options, calls :mod:`deployer.sandbox.fleet` and prints.
 """
@@ -188,6 +188,94 @@ def _print_table(state: dict) -> None:
             f"{host['command']:<4} {tunnel:<14} {host['tunnel_cuts']:>4} "
             f"{calls:>5} {len(host['exposures']):>7}  {sha}"
         )
+
+
+@sandbox.command()
+@click.argument("host")
+@click.argument("action", type=click.Choice(["stop", "start", "flap"]))
+@DIR_OPTION
+@click.option(
+    "--with-tunnel",
+    is_flag=True,
+    help="stop/flap: end the client's tunnel process too (a reboot, or systemd's default "
+    "KillMode); without it the tunnel stays, as with KillMode=process.",
+)
+@click.option(
+    "--after",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="S",
+    help="Do it S seconds from now (the sandbox's runner does it; this returns at once).",
+)
+@click.option(
+    "--down",
+    "down_for",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="flap: seconds the client stays stopped each cycle.",
+)
+@click.option(
+    "--up",
+    "up_for",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="flap: seconds the client runs between two stops.",
+)
+@click.option(
+    "--cycles", default=3, show_default=True, type=click.IntRange(min=1), help="flap: how often."
+)
+def client(
+    host: str,
+    action: str,
+    directory: str,
+    with_tunnel: bool,
+    after: float,
+    down_for: float | None,
+    up_for: float | None,
+    cycles: int,
+) -> None:
+    """Stop or start HOST's client (SIGTERM to its pid; the pidfile convention to
+    start it), or make it flap: down --down S, up --up S, --cycles times."""
+    from deployer.sandbox import fleet
+
+    if action == "flap":
+        if down_for is None or up_for is None:
+            raise click.UsageError("flap needs --down S and --up S")
+        events = fleet.flap_client(directory, host, down_for, up_for, cycles, after, with_tunnel)
+        last = events[-1]["after"]
+        click.echo(f"{host}: flapping {cycles}x (down {down_for:g}s, up {up_for:g}s); "
+                   f"its client runs again from {last:g}s on.")  # fmt: skip
+        return
+    if down_for is not None or up_for is not None:
+        raise click.UsageError("--down and --up go with flap only")
+    if action == "start" and with_tunnel:
+        raise click.UsageError("--with-tunnel goes with stop and flap only")
+    change = (
+        fleet.stop_client(directory, host, with_tunnel, after)
+        if action == "stop"
+        else fleet.start_client(directory, host, after)
+    )
+    if change is None:
+        click.echo(f"{host}: client {action} scheduled in {after:g}s.")
+        return
+    _echo_change(change, with_tunnel)
+
+
+def _echo_change(change, with_tunnel: bool) -> None:
+    if change.action == "start":
+        state = "started" if change.changed else "already running"
+        click.echo(f"{change.host}: client {state}, pid {change.pid}.")
+        return
+    if not change.changed:
+        click.echo(f"{change.host}: client not running.")
+    else:
+        click.echo(f"{change.host}: client pid {change.pid} stopped (SIGTERM).")
+    if change.tunnel_pids:
+        click.echo(f"{change.host}: tunnel pid {', '.join(map(str, change.tunnel_pids))} ended.")
+    elif not with_tunnel:
+        click.echo(f"{change.host}: its tunnel process, if any, stays (as in production).")
 
 
 def _yes(flag: bool) -> str:

@@ -70,6 +70,20 @@ class SandboxClient:
     def reset_counters(self) -> None:
         self._request("/sandbox/reset-counters", {})
 
+    def schedule_clients(self, events: list[dict[str, Any]]) -> int:
+        """Queue client stops and starts in the runner (see deployer.sandbox.clients):
+        ``[{"after": S, "host": NAME, "action": "stop"|"start", "with_tunnel": bool}]``;
+        returns how many were queued."""
+        return self._request("/sandbox/clients", {"events": events})["added"]
+
+    def clear_client_schedule(self) -> int:
+        """Drop every pending client change; returns how many there were."""
+        return self._request("/sandbox/clients", {"clear": True})["cleared"]
+
+    def client_schedule(self) -> dict[str, Any]:
+        """``{"pending": [...], "done": [...]}``: the runner's client changes."""
+        return self._request("/sandbox/clients")
+
     def wait_for(
         self, names: Iterable[str], predicate, timeout: float, what: str
     ) -> dict[str, Any]:

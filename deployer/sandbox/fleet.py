@@ -33,6 +33,7 @@ Layout of DIR::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import json
@@ -50,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from deployer.errors import DeployerError, LocalInputError
-from deployer.sandbox import keys, processes, procnet
+from deployer.sandbox import clients, keys, processes, procnet
 from deployer.sandbox.client import SandboxClient, SandboxClientError
+from deployer.sandbox.clients import ClientChange
 from deployer.sandbox.runner import (
     ACCOUNT_KEY_FILE,
     CLIENT_KEY_FILE,
@@ -707,6 +709,71 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:  # noqa: A002
         raise SandboxNotRunning(gone) from None
 
 
+# --- a host's client: stop, start, a schedule of both ---------------------------------------
+
+
+def stop_client(
+    dir: str | Path,  # noqa: A002
+    name: str,
+    with_tunnel: bool = False,
+    after: float = 0.0,
+) -> ClientChange | None:
+    """SIGTERM ``name``'s client (its pid only: its tunnel stays, as in production);
+    ``with_tunnel``: its tunnel processes too. ``after`` > 0: the runner does it
+    that many seconds from now (returns None)."""
+    return _change_client(dir, name, "stop", with_tunnel, after)
+
+
+def start_client(dir: str | Path, name: str, after: float = 0.0) -> ClientChange | None:  # noqa: A002
+    """Start ``name``'s client with the pidfile convention, as ``up`` does."""
+    return _change_client(dir, name, "start", False, after)
+
+
+def flap_client(
+    dir: str | Path,  # noqa: A002
+    name: str,
+    down: float,
+    up: float,
+    cycles: int,
+    after: float = 0.0,
+    with_tunnel: bool = False,
+) -> list[dict[str, Any]]:
+    """Make ``name``'s client go down for ``down`` s and up for ``up`` s, ``cycles``
+    times (run by the runner); returns the scheduled events."""
+    running = info(dir)
+    _check_host(running, name)
+    try:
+        events = clients.flap_events(name, down, up, cycles, after, with_tunnel)
+    except ValueError as exc:
+        raise SandboxInputError(str(exc)) from None
+    running.client.schedule_clients(events)
+    return events
+
+
+def _change_client(
+    dir: str | Path,  # noqa: A002
+    name: str,
+    action: str,
+    with_tunnel: bool,
+    after: float,
+) -> ClientChange | None:
+    running = info(dir)
+    _check_host(running, name)
+    if after < 0:
+        raise SandboxInputError(f"--after must be >= 0 (got {after})")
+    if after > 0:
+        event = {"after": after, "host": name, "action": action, "with_tunnel": with_tunnel}
+        running.client.schedule_clients([event])
+        return None
+    return clients.apply(running.dir, name, action, with_tunnel)
+
+
+def _check_host(running: SandboxInfo, name: str) -> None:
+    if name not in running.hosts:
+        shown = ", ".join(running.hosts[:3]) + (" …" if len(running.hosts) > 3 else "")
+        raise SandboxInputError(f"no host {name!r} in the sandbox in {running.dir} ({shown})")
+
+
 def down(dir: str | Path = DEFAULT_DIR) -> DownReport:  # noqa: A002
     """Stop every process of the sandbox in ``dir`` — clients, their tunnel
     processes, guards, the runner and its SSH servers, sessions left on them —
@@ -716,6 +783,9 @@ def down(dir: str | Path = DEFAULT_DIR) -> DownReport:  # noqa: A002
     runner = _read_json(root / RUNNER_FILE) or {}
     state = _read_json(root / STATE_FILE) or {}
     report.was_running = _runner_alive(runner.get("pid"))
+    if report.was_running:  # no scheduled client start while the world stops
+        with contextlib.suppress(SandboxClientError, KeyError):
+            SandboxClient(runner["base_url"]).clear_client_schedule()
     _stop_hosts(root, report)
     _stop_tunnels(root, report)
     _stop_runner(root, runner, report)

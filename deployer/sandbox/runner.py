@@ -3,8 +3,10 @@
 It reads ``DIR/config.json`` (written by ``deployer sandbox up``) and starts
 the world of SPEC 7 that is not the clients: one SSH server per host (what
 deployer logs in to), the forwarding SSH server (where the clients' tunnel
-processes log in) and the provider simulator. It writes ``DIR/runner.json``
-with every port once everything listens, and runs until SIGTERM or SIGINT.
+processes log in), the provider simulator and the schedule of client stops
+and starts (:class:`deployer.sandbox.clients.Schedule`, the flapping fault).
+It writes ``DIR/runner.json`` with every port once everything listens, and
+runs until SIGTERM or SIGINT.
 It ignores SIGHUP, so it outlives the shell that started it.
 
 Embedded (default): all SSH servers are asyncssh in this process. OpenSSH
@@ -66,6 +68,7 @@ class World:
         self.iports: dict[str, int] = {}
         self.forwarding: Any = None
         self.simulator: Simulator | None = None
+        self.schedule: Any = None  # deployer.sandbox.clients.Schedule
 
     def start(self) -> None:
         self._start_host_sshds()
@@ -90,7 +93,15 @@ class World:
             api_key=self.config["api_key"],
             scripts_dir=self.root / PROVIDER_DIR,
         )
+        self._start_schedule()
         self.simulator.start()
+
+    def _start_schedule(self) -> None:
+        from deployer.sandbox.clients import Schedule
+
+        self.schedule = Schedule(self.root, self.names)
+        self.schedule.start()
+        self.simulator.clients = self.schedule
 
     def _start_host_sshds(self) -> None:
         host_key = self.root / HOST_KEY_FILE
@@ -185,6 +196,8 @@ class World:
         }
 
     def stop(self) -> None:
+        if self.schedule is not None:
+            self.schedule.stop()  # first: no client starts while the world stops
         if self.simulator is not None:
             self.simulator.stop()
         if self.forwarding is not None:

@@ -24,7 +24,9 @@ Routes (all on 127.0.0.1):
 - ``GET /poll/get_port4.php`` — the clients' poll (so ``poll_url`` is ``{base}/poll``);
 - ``GET /sandbox/state`` — the state document (SPEC 7);
 - ``GET|POST /sandbox/faults`` — read or change faults at run time;
-- ``POST /sandbox/reset-counters`` — zero the counters, drop closed exposures.
+- ``POST /sandbox/reset-counters`` — zero the counters, drop closed exposures;
+- ``GET|POST /sandbox/clients`` — the runner's schedule of client stops and
+  starts (:class:`deployer.sandbox.clients.Schedule`), when it has one.
 
 Credentials arrive in query strings: nothing here logs a query string.
 """
@@ -267,6 +269,7 @@ class Simulator:
         self._monitor: threading.Thread | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
+        self.clients: Any = None  # a deployer.sandbox.clients.Schedule (the runner's)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -644,6 +647,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/sandbox/reset-counters" and method == "POST":
             sim.reset_counters()
             self._send(HttpReply.json({"ok": True}))
+        elif path == "/sandbox/clients" and sim.clients is not None:
+            status, reply_ = sim.clients.handle(method, _json_or_none(body))
+            self._send(HttpReply.json(reply_, status))
         else:
             self._send(HttpReply(404, "text/html", b"<html><body>404 Not Found</body></html>\n"))
 
