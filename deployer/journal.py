@@ -159,6 +159,7 @@ class DanglingHost:
     command: str | None = None
     machine: str | None = None
     pid: int | None = None
+    last_record: float | None = None  # when anything was last written for it (facts, steps)
 
 
 def journal_path(state_dir: Path) -> Path:
@@ -603,11 +604,14 @@ class Journal:
 
         With ``exclude_live``, runs whose process still runs on this machine are
         skipped: they are in progress, not dangling. Runs recorded on another
-        machine cannot be checked and are always included.
+        machine cannot be checked and are always included (``recover`` presumes
+        them dead only on evidence: ``last_record`` older than their deadline).
         """
         rows = self._read(
             "SELECT h.run_id, h.host, h.facts, h.started, r.command, r.machine, r.pid,"
-            " r.pid_start,"
+            " r.pid_start, h.updated,"
+            " (SELECT MAX(s.at) FROM steps s WHERE s.run_id = h.run_id AND s.host = h.host)"
+            "   AS last_step_at,"
             " (SELECT s.step FROM steps s WHERE s.run_id = h.run_id AND s.host = h.host"
             "   ORDER BY s.id DESC LIMIT 1) AS last_step,"
             " (SELECT CASE s.phase WHEN 'begin' THEN ? ELSE s.status END FROM steps s"
@@ -641,6 +645,7 @@ class Journal:
                     command=row["command"],
                     machine=row["machine"],
                     pid=row["pid"],
+                    last_record=max(row["updated"], row["last_step_at"] or 0.0),
                 )
             )
         return found

@@ -8,39 +8,78 @@ run's guard is gone), the old client is verified online, the lock and the
 staged files are removed, the tunnel closed, and the final result written
 to the journal. Idempotent: with nothing dangling it does nothing.
 
-Each host is recovered on its own: one that cannot be reached, or whose
-recovery fails in any way, is reported ``unsafe`` and the others go on. A
-host that the run may have touched is reached first (for as long as its
-guard may still be at work); one that cannot be reached stays pending in the
-journal, for the next ``recover``.
+What must stay true:
+
+* **Only the recovered run's host, and only under the host lock.** A host
+  that the run may have touched is reached first, and recover acts on it only
+  while it holds the host lock (``mkdir`` beside the script, see
+  ``deployer.hostfiles``): a lock that is absent is taken, a lock the
+  recovered run holds is taken over, and recover holds it — in that run's
+  name, with its own process beside it (``recover`` in the owner file) — until
+  the host is finished. A lock held by any other run, or by another live
+  ``recover``, leaves the host alone (reported ``skipped``, still pending in
+  the journal). Taking a lock over is atomic: ``mkdir lock/taken-HOLDER``
+  succeeds for one recover only, so two recovers never both act on a host,
+  and the journal gets one final result (re-read once the lock is held).
+* **A run dir that is gone means the run had cleaned up** the host (it is
+  removed at cleanup, before the lock is released): nothing there is undone —
+  no guard relaunched, no backup restored over what a later run installed.
+  Only the window is closed if the journal says it may be open, the tunnel is
+  closed, and the host marked.
+* **A run recorded on another machine is not presumed dead** without
+  evidence: its liveness cannot be checked from here (CI jobs get a new
+  hostname each), so it is left alone until no record was written for that
+  host for :func:`presumed_dead_after` (its guard deadline plus the waits of
+  a rollback), or ``--force``. The same holds for a lock held by a recover on
+  another machine.
+* **Each host is recovered on its own**: one that cannot be reached, or whose
+  recovery fails in any way, is reported ``unsafe`` and the others go on; a
+  host that cannot be reached stays pending in the journal for the next
+  ``recover``. The hosts of one run go in parallel; the runs of one host one
+  after the other, newest first.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deployer.clock import Clock
 from deployer.errors import ApiError, RemoteError, SshConnectError
 from deployer.events import EventSink, Fanout
-from deployer.hostfiles import HostPaths
+from deployer.hostfiles import HostPaths, release_lock, remote_sha256
+from deployer.journal import machine_name, process_is_live, process_start_token
 from deployer.model import HostConfig, Inventory
-from deployer.plan import HostPlan, plan_host
-from deployer.remote import Remote
-from deployer.result import ErrorInfo, HostResult, Outcome, RunResult
+from deployer.plan import HostPlan, plan_host, revert_online_wait
+from deployer.remote import Remote, sh
+from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord
+from deployer.retry import HARD_RETRY
 from deployer.secrets import scrub
 from deployer.upgrade import new_run_id, owner_label, ssh_factory
-from deployer.workflow import REATTACH_EVERY, REATTACH_MARGIN, HostRun, RunContext, UpgradeOptions
+from deployer.workflow import (
+    CLEANUP_REATTACH,
+    REATTACH_EVERY,
+    REATTACH_MARGIN,
+    REVERT_WAIT,
+    HostRun,
+    RunContext,
+    UpgradeOptions,
+)
 
 log = logging.getLogger("deployer.recover")
 
 RECOVER_PARALLEL = 8  # hosts recovered at once (each may wait for a guard's deadline)
 RECOVER_STEP = "recover"
+OWNER_GRACE = 1.0  # seconds: a lock without its owner file yet may be a run writing it now
+TAKEN = "taken-"  # lock/taken-HOLDER: the one recover that took HOLDER's lock over
 # facts that say the run may have left something on the host (or a tunnel to it)
 HOST_FACTS = (
     "tunnel_opened",
@@ -58,42 +97,39 @@ def run_recover(
     state_dir: Path,
     progress: EventSink | None = None,
     *,
+    force: bool = False,
     remote_factory=None,
     api=None,
     clock: Clock | None = None,
 ) -> RunResult:
+    """Recover every dangling (run, host) of the journal in ``state_dir``.
+
+    ``force``: presume runs (and recovers) recorded on another machine dead
+    without waiting for their deadline."""
     from deployer.api import ProviderAPI
-    from deployer.journal import Journal, JournalSink
-    from deployer.ratelimit import RateLimiter
+    from deployer.journal import Journal
 
     journal = Journal(state_dir, secrets=inventory.secret_values())
     result = RunResult(run_id=new_run_id(), started=time.time())
     own_api = api is None
     if own_api:
+        from deployer.ratelimit import RateLimiter
+
         api = ProviderAPI(inventory.provider, limiter=RateLimiter(inventory.provider.rate_limit))
     try:
-        by_run = defaultdict(list)
         dangling = journal.dangling()
-        for item in dangling:
-            by_run[item.run_id].append(item)
-        sink = progress(len(dangling)) if progress and dangling else EventSink()
-        with cf.ThreadPoolExecutor(max_workers=RECOVER_PARALLEL) as pool:
-            futures = []
-            for run_id, items in by_run.items():
-                ctx = RunContext(
-                    run_id=run_id,
-                    inventory=inventory,
-                    api=api,
-                    remote_factory=remote_factory or ssh_factory(inventory),
-                    options=UpgradeOptions(command="recover"),
-                    events=_Unfinished(journal, run_id, sink, JournalSink(journal, run_id)),
-                    journal=journal,
-                    owner=owner_label(),
-                    clock=clock or Clock(),
-                )
-                futures += [pool.submit(_recover_host, ctx, item, sink) for item in items]
-            result.hosts = [f.result() for f in futures]
-        for run_id in by_run:
+        rec = _Recovery(
+            inventory=inventory,
+            journal=journal,
+            api=api,
+            remote_factory=remote_factory or ssh_factory(inventory),
+            progress=progress(len(dangling)) if progress and dangling else EventSink(),
+            clock=clock or Clock(),
+            recover_id=result.run_id,
+            force=force,
+        )
+        result.hosts = rec.run(dangling)
+        for run_id in {item.run_id for item in dangling}:
             record = journal.run(run_id)
             if record is not None and record.finished is None and _all_final(journal, run_id):
                 journal.finish_run(run_id, ok=False, interrupted=True)
@@ -105,106 +141,452 @@ def run_recover(
     return result
 
 
-def _all_final(journal, run_id: str) -> bool:
+def presumed_dead_after(plan: HostPlan, inventory: Inventory) -> float:
+    """Seconds without a journal record for a host after which the run working on
+    it (on another machine) is presumed dead. A live run writes at least this
+    often: its guard's deadline covers first life and the soak; past it come
+    reaching the host again, the guard's revert and its evidence, the old
+    client's online wait and cleanup's reattach."""
+    evidence = revert_online_wait(inventory.provider.offline_detection)
+    waits = REATTACH_MARGIN + REVERT_WAIT + evidence + CLEANUP_REATTACH
+    return plan.guard_deadline + plan.online_timeout + waits
+
+
+def _all_final(journal: Any, run_id: str) -> bool:
     return all(h["result"] is not None for h in journal.host_results(run_id))
 
 
-def _recover_host(ctx: RunContext, item, progress: EventSink) -> HostResult:
-    """One host, isolated: whatever goes wrong is this host's ``unsafe`` result."""
-    try:
-        return _recover_one(ctx, item, progress)
-    except Exception as exc:  # noqa: BLE001 - one host's failure must not lose the others
-        log.debug("%s: recover failed", item.host, exc_info=True)
-        message = (
-            f"recover failed: {type(exc).__name__}: {exc}; the host stays pending in the "
-            "journal: check it (`deployer status`, `deployer history HOST`) and run "
-            "`deployer recover` again"
-        )
-        return _report(ctx, progress, item.host, "RecoverError", message)
+@dataclass(frozen=True)
+class _Holder:
+    """The host lock's owner file as recover reads it (``recover``: who holds it
+    on the run's behalf: ``run_id``, ``machine``, ``pid``, ``pid_start``)."""
+
+    owner: str
+    run_id: str
+    since: float
+    recover: dict[str, Any] | None
+
+    def describe(self, now: float) -> str:
+        return f"held by {self.owner} (run {self.run_id}) for {max(0.0, now - self.since):.0f}s"
 
 
-def _recover_one(ctx: RunContext, item, progress: EventSink) -> HostResult:
-    host = ctx.inventory.hosts.get(item.host)
-    if host is None:
-        message = (
-            f"host {item.host} of run {item.run_id} is not in this inventory; run "
-            "recover with the inventory that run used (see `deployer history`)"
-        )
-        return _report(ctx, ctx.events, item.host, "HostNotInInventory", message)
-    plan = _plan(ctx, host, item)
-    if any(item.facts.get(name) for name in HOST_FACTS):
+@dataclass
+class _Recovery:
+    """One ``deployer recover``: what every host's recovery shares."""
+
+    inventory: Inventory
+    journal: Any  # deployer.journal.Journal
+    api: Any
+    remote_factory: Any
+    progress: EventSink
+    clock: Clock
+    recover_id: str
+    force: bool
+
+    def run(self, dangling: list) -> list[HostResult]:
+        by_host: dict[str, list] = defaultdict(list)
+        for item in dangling:
+            by_host[item.host].append(item)
+        results: dict[tuple[str, str], HostResult] = {}
+        with cf.ThreadPoolExecutor(max_workers=RECOVER_PARALLEL) as pool:
+            futures = [pool.submit(self._host, items) for items in by_host.values()]
+            for future in futures:
+                results.update(future.result())
+        return [results[(item.run_id, item.host)] for item in dangling]
+
+    def _host(self, items: list) -> dict[tuple[str, str], HostResult]:
+        """The runs left on one host, one after the other, newest first: a newer
+        run's lock is released before an older run's recovery needs it."""
+        done = {}
+        for item in sorted(items, key=lambda i: i.started, reverse=True):
+            done[(item.run_id, item.host)] = self._isolated(item)
+        return done
+
+    def _isolated(self, item) -> HostResult:
+        """One (run, host): whatever goes wrong is this host's ``unsafe`` result."""
         try:
-            remote = _reach(ctx, plan)
-        except SshConnectError as exc:
-            return _unreachable(ctx, plan, item, exc, progress)
-        remote.close()
-    return HostRun(ctx, plan).resume(item.facts)
-
-
-def _plan(ctx: RunContext, host: HostConfig, item) -> HostPlan:
-    plan = plan_host(ctx.inventory, host, item.run_id, render=False)
-    script_path = item.facts.get("script_path") or host.script_path
-    return dataclasses.replace(plan, paths=HostPaths(script_path, item.run_id))
-
-
-def _reach(ctx: RunContext, plan: HostPlan) -> Remote:
-    """An SSH session to the host through its tunnel, trying for as long as the
-    run's guard may still be at work there (a reverting guard restarts the old
-    client: offline for a while). SshConnectError if it never answers."""
-    within = plan.guard_deadline + REATTACH_MARGIN
-    end = ctx.clock.now() + within
-    why = "the client is offline"
-    while True:
-        try:
-            if ctx.api.client_status(plan.host):
-                ctx.api.connect(plan.host)
-                return ctx.remote_factory(plan.host)
-            why = "the client is offline"
-        except (ApiError, RemoteError) as exc:
-            why = str(exc)
-        if ctx.clock.now() + REATTACH_EVERY > end:
-            raise SshConnectError(
-                f"could not reach {plan.name} within {within:g}s: {why}", host=plan.name
+            return self._recover(self._context(item.run_id), item)
+        except Exception as exc:  # noqa: BLE001 - one host's failure must not lose the others
+            log.debug("%s: recover failed", item.host, exc_info=True)
+            message = (
+                f"recover failed: {type(exc).__name__}: {exc}; the host stays pending in the "
+                "journal: check it (`deployer status`, `deployer history HOST`) and run "
+                "`deployer recover` again"
             )
-        ctx.clock.sleep(REATTACH_EVERY)
+            return self._report(self.progress, item.host, Outcome.UNSAFE, "RecoverError", message)
 
+    def _context(self, run_id: str) -> RunContext:
+        from deployer.journal import JournalSink
 
-def _unreachable(
-    ctx: RunContext, plan: HostPlan, item, exc: SshConnectError, progress: EventSink
-) -> HostResult:
-    """Close the window the run may have left open (the API needs no host), and
-    leave the host pending in the journal: nothing on it could be checked."""
-    host, events = plan.host, ctx.events
-    events.host_started(host.name)
-    events.step_started(host.name, RECOVER_STEP)
-    t0 = ctx.clock.now()
-    window = ""
-    if item.facts.get("window_maybe_open"):
+        sinks = (self.progress, JournalSink(self.journal, run_id))
+        return RunContext(
+            run_id=run_id,
+            inventory=self.inventory,
+            api=self.api,
+            remote_factory=self.remote_factory,
+            options=UpgradeOptions(command="recover"),
+            events=_Unfinished(self.journal, run_id, *sinks),
+            journal=self.journal,
+            owner=owner_label(),
+            clock=self.clock,
+        )
+
+    # -- one (run, host) -------------------------------------------------------------
+
+    def _recover(self, ctx: RunContext, item) -> HostResult:
+        host = self.inventory.hosts.get(item.host)
+        if host is None:
+            message = (
+                f"host {item.host} of run {item.run_id} is not in this inventory; run "
+                "recover with the inventory that run used (see `deployer history`)"
+            )
+            return self._report(
+                ctx.events, item.host, Outcome.UNSAFE, "HostNotInInventory", message
+            )
+        plan = self._plan(host, item)
+        alive = self._maybe_alive(item, plan)
+        if alive:
+            return self._left_alone(item.host, alive)
+        if not any(item.facts.get(name) for name in HOST_FACTS):
+            return HostRun(ctx, plan).resume(item.facts)  # nothing on the host: no need to go
         try:
-            ctx.api.set_allow_clientless(host, False)
-            ctx.journal.update_host(item.run_id, host.name, window_maybe_open=False)
-            window = "closed the allow-clientless window; "
+            remote = self._reach(plan)
+        except SshConnectError as exc:
+            return self._unreachable(ctx, plan, item, exc)
+        try:
+            busy = self._hold(remote, plan, item)
+            if busy:
+                return self._left_alone(item.host, busy)
+            if _finished(self.journal.host_state(item.run_id, item.host)):
+                release_lock(remote, plan.paths)  # ours, taken for nothing
+                return self._left_alone(item.host, "another deployer recover finished it")
+            self.journal.update_host(item.run_id, item.host, lock_maybe_held=True)
+            if not remote.run(sh("test", "-d", plan.paths.run_dir), check=False).ok:
+                return self._cleaned_up(ctx, plan, item, remote)
+            changed = self._changed_since(remote, plan, item)
+            if changed:
+                return self._leave_later_script(ctx, plan, item, remote, changed)
+        finally:
+            remote.close()
+        return HostRun(ctx, plan).resume({**item.facts, "lock_maybe_held": True})
+
+    def _plan(self, host: HostConfig, item) -> HostPlan:
+        record = self.journal.run(item.run_id)
+        options = record.options if record is not None else {}
+        plan = plan_host(
+            self.inventory,
+            host,
+            item.run_id,
+            render=False,
+            online_timeout=_seconds(options.get("online_timeout")),
+            stable_for=_seconds(options.get("stable_for")),
+        )
+        script_path = item.facts.get("script_path") or host.script_path
+        return dataclasses.replace(plan, paths=HostPaths(script_path, item.run_id))
+
+    def _maybe_alive(self, item, plan: HostPlan) -> str | None:
+        """Why a run recorded on another machine may still be at work, or None."""
+        if item.machine is None or item.machine == machine_name() or self.force:
+            return None
+        last = item.last_record or item.started
+        wait = presumed_dead_after(plan, self.inventory)
+        age = self.clock.wall() - last
+        if age > wait:
+            return None
+        return (
+            f"run {item.run_id} was recorded on machine {item.machine}, whose processes "
+            f"this recover cannot see, and wrote its last record for {item.host} "
+            f"{max(age, 0.0):.0f}s ago: it may still be at work there; left alone until "
+            f"{wait:.0f}s after that record (its guard deadline and the waits of a "
+            "rollback), or pass --force once you know it is gone"
+        )
+
+    def _reach(self, plan: HostPlan) -> Remote:
+        """An SSH session to the host through its tunnel, trying for as long as the
+        run's guard may still be at work (a reverting guard restarts the old client:
+        offline for a while). SshConnectError if it never answers."""
+        within = plan.guard_deadline + REATTACH_MARGIN
+        end = self.clock.now() + within
+        why = "the client is offline"
+        while True:
+            try:
+                if self.api.client_status(plan.host):
+                    self.api.connect(plan.host)
+                    return self.remote_factory(plan.host)
+                why = "the client is offline"
+            except (ApiError, RemoteError) as exc:
+                why = str(exc)
+            if self.clock.now() + REATTACH_EVERY > end:
+                raise SshConnectError(
+                    f"could not reach {plan.name} within {within:g}s: {why}", host=plan.name
+                )
+            self.clock.sleep(REATTACH_EVERY)
+
+    # -- the host lock --------------------------------------------------------------------
+
+    def _hold(self, remote: Remote, plan: HostPlan, item) -> str | None:
+        """Take the host lock for the recovery of ``item``'s run: None once held,
+        else why the host is left alone."""
+        p = plan.paths
+        made = remote.run(f"mkdir -p {sh(p.base)} && mkdir {sh(p.lock)}", check=False).ok
+        holder = None if made else self._read_holder(remote, p)
+        if holder is None and not made:
+            self.clock.sleep(OWNER_GRACE)  # a run may be writing its owner file right now
+            holder = self._read_holder(remote, p)
+            if holder is None and not item.facts.get("lock_maybe_held"):
+                return f"the host lock {p.lock} has no owner file, and this run never took it"
+        key = item.run_id
+        if holder is not None and holder.run_id != item.run_id:
+            return (
+                f"the host lock is {holder.describe(self.clock.wall())}: another run holds "
+                f"it, not run {item.run_id}; left alone (see `deployer history {item.host}`)"
+            )
+        if holder is not None and holder.recover:
+            if self._holder_alive(holder, plan):
+                return f"another deployer recover ({holder.owner}) is finishing this host"
+            key = str(holder.recover.get("run_id"))
+        claim = remote.run(sh("mkdir", f"{p.lock}/{TAKEN}{key}"), check=False)
+        if not claim.ok:
+            return "another deployer recover is taking this host over right now"
+        self._write_owner(remote, p, item.run_id)
+        return None
+
+    def _read_holder(self, remote: Remote, paths: HostPaths) -> _Holder | None:
+        res = remote.run(sh("cat", f"{paths.lock}/owner"), check=False)
+        try:
+            data = json.loads(res.stdout) if res.ok else None
+            if not isinstance(data, dict):
+                return None
+            recover = data.get("recover")
+            return _Holder(
+                owner=str(data["owner"]),
+                run_id=str(data["run_id"]),
+                since=float(data["since"]),
+                recover=recover if isinstance(recover, dict) else None,
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _write_owner(self, remote: Remote, paths: HostPaths, run_id: str) -> None:
+        """The owner file, replaced at once (a reader never sees half of it): the
+        recovered run's id, so its cleanup releases the lock, and this process."""
+        pid = os.getpid()
+        owner = {
+            "owner": f"deployer recover {self.recover_id} ({owner_label()})",
+            "run_id": run_id,
+            "since": self.clock.wall(),
+            "recover": {
+                "run_id": self.recover_id,
+                "machine": machine_name(),
+                "pid": pid,
+                "pid_start": process_start_token(pid),
+            },
+        }
+        tmp = f"{paths.lock}/.owner.{self.recover_id}"
+        remote.run(
+            f"printf %s {sh(json.dumps(owner))} > {sh(tmp)} && mv -f {sh(tmp)} "
+            f"{sh(paths.lock + '/owner')}"
+        )
+
+    def _holder_alive(self, holder: _Holder, plan: HostPlan) -> bool:
+        """Is the recover that holds the lock still at work? On this machine: its
+        process; on another: not past its deadline (unless --force)."""
+        info = holder.recover or {}
+        if info.get("machine") == machine_name():
+            pid = info.get("pid")
+            return isinstance(pid, int) and process_is_live(
+                machine_name(), pid, info.get("pid_start")
+            )
+        if self.force:
+            return False
+        return self.clock.wall() <= holder.since + presumed_dead_after(plan, self.inventory)
+
+    # -- the ends ----------------------------------------------------------------------------
+
+    def _cleaned_up(self, ctx: RunContext, plan: HostPlan, item, remote: Remote) -> HostResult:
+        """The run dir is gone: the run had cleaned up the host before it died.
+        Nothing there is undone; close what the journal says may be open, release
+        the lock recover took, and mark the host by what is installed."""
+        host, facts = plan.host, item.facts
+        installed = remote_sha256(remote, plan.paths.script_path)
+        outcome = _cleaned_up_outcome(facts, installed)
+        problems = []
+
+        def act() -> None:
+            if facts.get("window_maybe_open"):
+                try:
+                    self.api.set_allow_clientless(host, False, retry=HARD_RETRY)
+                    self.journal.update_host(item.run_id, host.name, window_maybe_open=False)
+                except ApiError as exc:
+                    problems.append(f"could not close the allow-clientless window: {exc}")
+            release_lock(remote, plan.paths)
+            self.journal.update_host(item.run_id, host.name, lock_maybe_held=False)
+            try:  # recover reached the host through it: no other run rides on it (the lock)
+                self.api.disconnect(host)
+                self.journal.update_host(item.run_id, host.name, tunnel_opened=False)
+            except ApiError as exc:
+                problems.append(f"disconnect failed, the tunnel may stay open: {exc}")
+
+        steps = self._step(ctx, host.name, act)
+        if problems and facts.get("window_maybe_open") and "window" in problems[0]:
+            outcome = Outcome.UNSAFE
+        message = (
+            f"run {item.run_id} had cleaned up the host before it was stopped (its run dir "
+            "is gone): nothing to undo; " + ("; ".join(problems) or "closed its tunnel")
+        )
+        return self._finish(ctx, plan, item, outcome, steps, message, installed)
+
+    def _changed_since(self, remote: Remote, plan: HostPlan, item) -> str | None:
+        """The installed script's sha256 if a later run replaced this run's scripts
+        (neither its old nor its new one, before commit); undoing would downgrade it."""
+        facts = item.facts
+        if not facts.get("swap_started") or facts.get("committed"):
+            return None
+        installed = remote_sha256(remote, plan.paths.script_path)
+        if installed in (facts.get("old_sha256"), facts.get("new_sha256")):
+            return None
+        return installed or "none"
+
+    def _leave_later_script(
+        self, ctx: RunContext, plan: HostPlan, item, remote: Remote, installed: str
+    ) -> HostResult:
+        def act() -> None:
+            release_lock(remote, plan.paths)
+            self.journal.update_host(item.run_id, plan.name, lock_maybe_held=False)
+
+        steps = self._step(ctx, plan.name, act)
+        message = (
+            f"the installed script (sha256 {installed[:12]}) is neither run {item.run_id}'s "
+            "old nor its new one: a later run replaced it; undoing this run would downgrade "
+            "it, so nothing was undone; its run files stay in "
+            f"{plan.paths.run_dir}: check the host (`deployer history {plan.name}`)"
+        )
+        return self._finish(ctx, plan, item, Outcome.UNSAFE, steps, message, installed)
+
+    def _step(self, ctx: RunContext, host: str, act) -> list[StepRecord]:
+        ctx.events.host_started(host)
+        ctx.events.step_started(host, RECOVER_STEP)
+        t0 = self.clock.now()
+        status = "failed"
+        try:
+            act()
+            status = "ok"
+        finally:
+            seconds = self.clock.now() - t0
+            ctx.events.step_finished(host, RECOVER_STEP, status, seconds)
+        return [StepRecord(RECOVER_STEP, status, seconds)]
+
+    def _finish(
+        self,
+        ctx: RunContext,
+        plan: HostPlan,
+        item,
+        outcome: Outcome,
+        steps: list[StepRecord],
+        message: str,
+        installed: str | None,
+    ) -> HostResult:
+        ctx.events.message(plan.name, scrub(message, self.inventory.secret_values()))
+        result = HostResult(
+            host=plan.name,
+            result=outcome,
+            old_sha256=item.facts.get("old_sha256"),
+            new_sha256=item.facts.get("new_sha256"),
+            api_calls=self.api.calls_for(plan.name),
+            steps=steps,
+            error=None
+            if outcome is Outcome.UPGRADED
+            else ErrorInfo(
+                step=RECOVER_STEP,
+                type="Interrupted",
+                message=scrub(message, self.inventory.secret_values()),
+            ),
+        )
+        ctx.events.host_finished(result)
+        return result
+
+    def _unreachable(
+        self, ctx: RunContext, plan: HostPlan, item, exc: SshConnectError
+    ) -> HostResult:
+        """Close the window the run may have left open (the API needs no host)
+        unless another run may be at work on the host, and leave the host pending
+        in the journal: nothing on it could be checked."""
+        host = plan.host
+        window = ""
+        if item.facts.get("window_maybe_open"):
+            other = self._other_run_at_work(item, plan)
+            if other:
+                window = f"left the window to run {other}, which may be at work on the host; "
+            else:
+                window = self._close_window(item, host)
+
+        def act() -> None:
+            raise exc
+
+        try:
+            self._step(ctx, host.name, act)
+        except SshConnectError:
+            pass
+        message = (
+            f"{exc}; {window}the host stays pending: its guard reverts or gives up by itself, "
+            "and the lock, staged files and tunnel are left; run `deployer recover` again "
+            "once the host is online"
+        )
+        return self._report(self.progress, host.name, Outcome.UNSAFE, type(exc).__name__, message)
+
+    def _close_window(self, item, host: HostConfig) -> str:
+        try:
+            self.api.set_allow_clientless(host, False, retry=HARD_RETRY)
         except ApiError as err:
-            window = f"could not close the allow-clientless window ({err}); "
-    events.step_finished(host.name, RECOVER_STEP, "failed", ctx.clock.now() - t0)
-    message = (
-        f"{exc}; {window}the host stays pending: its guard reverts or gives up by itself, "
-        "and the lock, staged files and tunnel are left; run `deployer recover` again "
-        "once the host is online"
-    )
-    return _report(ctx, progress, host.name, type(exc).__name__, message)
+            return f"could not close the allow-clientless window ({err}); "
+        self.journal.update_host(item.run_id, host.name, window_maybe_open=False)
+        return "closed the allow-clientless window; "
+
+    def _other_run_at_work(self, item, plan: HostPlan) -> str | None:
+        """Another run of the journal that may be at work on this host right now."""
+        for other in self.journal.dangling(exclude_live=False):
+            if other.host != item.host or other.run_id == item.run_id:
+                continue
+            record = self.journal.run(other.run_id)
+            if record is not None and record.is_live():
+                return other.run_id
+            if self._maybe_alive(other, plan):
+                return other.run_id
+        return None
+
+    def _left_alone(self, host: str, why: str) -> HostResult:
+        """Not recovered now, still pending in the journal: told, not journalled."""
+        return self._report(self.progress, host, Outcome.SKIPPED, "LeftAlone", why)
+
+    def _report(
+        self, sink: EventSink, host: str, outcome: Outcome, kind: str, message: str
+    ) -> HostResult:
+        """A result told to ``sink`` (the journal only if it is in it)."""
+        message = scrub(message, self.inventory.secret_values())
+        result = HostResult(
+            host=host,
+            result=outcome,
+            error=ErrorInfo(step=RECOVER_STEP, type=kind, message=message),
+        )
+        sink.host_finished(result)
+        return result
 
 
-def _report(ctx: RunContext, sink: EventSink, host: str, kind: str, message: str) -> HostResult:
-    """An ``unsafe`` result told to ``sink`` (the journal only if it is in it)."""
-    message = scrub(message, ctx.inventory.secret_values())
-    result = HostResult(
-        host=host,
-        result=Outcome.UNSAFE,
-        error=ErrorInfo(step=RECOVER_STEP, type=kind, message=message),
-    )
-    sink.host_finished(result)
-    return result
+def _finished(state: dict[str, Any]) -> bool:
+    """The journal has a final result for the host and no lock left to release."""
+    return state.get("result") is not None and not state.get("lock_maybe_held")
+
+
+def _cleaned_up_outcome(facts: dict[str, Any], installed: str | None) -> Outcome:
+    """What a run that cleaned up had come to, from its facts and the installed script."""
+    new, old = facts.get("new_sha256"), facts.get("old_sha256")
+    if facts.get("committed") or (facts.get("swap_started") and installed == new != old):
+        return Outcome.UPGRADED
+    return Outcome.ROLLED_BACK if facts.get("swap_started") else Outcome.FAILED
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class _Unfinished(Fanout):

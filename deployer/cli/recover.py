@@ -153,23 +153,33 @@ def _host_line(h: dict[str, Any], pending: str) -> str:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Presume runs (and recovers) recorded on another machine dead now, without "
+    "waiting for their deadline. Only when you know they are gone.",
+)
 @click.pass_obj
-def recover(obj: Any, as_json: bool) -> None:
+def recover(obj: Any, as_json: bool, force: bool) -> None:
     """Finish every interrupted run from the journal.
 
     Closes every allow-clientless window a journalled run may have left open,
     lets or makes each uncommitted guard revert, waits for a client online,
     releases locks, closes tunnels deployer opened and records each host's
-    final result. Harmless when nothing is dangling. Exit 0 when every host
-    ends verified, 3 when some host is still unsafe.
+    final result. It acts on a host only while it holds the host's lock: a
+    host whose lock another run holds, or that a run on another machine may
+    still be working on, is left alone (skipped) and stays pending. Harmless
+    when nothing is dangling. Exit 0 when every host ends verified, 1 when some
+    host was left alone, 3 when some host is still unsafe.
     """
     import sys
 
     from deployer import report as reporting
-    from deployer.errors import EXIT_OK, EXIT_UNSAFE
+    from deployer.errors import EXIT_FAILED, EXIT_OK, EXIT_UNSAFE
     from deployer.progress import make_progress
     from deployer.recover import run_recover
     from deployer.result import Outcome
+    from deployer.secrets import scrub
 
     inventory = obj.load_inventory()
     state_dir = obj.state_dir(inventory.path)
@@ -178,12 +188,16 @@ def recover(obj: Any, as_json: bool) -> None:
     def progress(total: int):
         return make_progress(sys.stderr, total, quiet=obj.quiet, secrets=secrets)
 
-    run = run_recover(inventory, state_dir, progress)
+    run = run_recover(inventory, state_dir, progress, force=force)
+    left = [h for h in run.hosts if h.result is Outcome.SKIPPED]
     if as_json:
         click.echo(reporting.to_json_text(run, secrets))
     elif not run.hosts:
         click.echo(f"nothing to recover: no interrupted run in {state_dir}", err=True)
     elif not obj.quiet:
         click.echo(reporting.render_table(run, secrets), err=True)
+    for host in left:
+        reason = scrub(host.error.message if host.error else "", secrets)
+        click.echo(f"{host.host}: left alone, still pending: {reason}", err=True)
     unsafe = any(h.result is Outcome.UNSAFE for h in run.hosts)
-    raise SystemExit(EXIT_UNSAFE if unsafe else EXIT_OK)
+    raise SystemExit(EXIT_UNSAFE if unsafe else EXIT_FAILED if left else EXIT_OK)

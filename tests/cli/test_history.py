@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -151,3 +152,32 @@ def test_default_state_dir_is_beside_the_inventory(tmp_path, monkeypatch):
     assert result.exit_code == 0
     assert "run-9" in result.stdout
     assert journal_path(inventory.parent / ".deployer").exists()
+
+
+def test_recover_leaves_a_run_of_another_machine_alone_and_says_how_to_force(tmp_path):
+    """A run recorded on another machine (a CI job's container) that wrote its last
+    record just now may still be at work there: recover leaves its host pending,
+    exit 1, and names --force. Nothing is reached (no API call, no SSH)."""
+    from tests.unit.test_inventory import BASE, ENV, write
+
+    inventory = write(tmp_path, BASE)
+    state = tmp_path / "state"
+    with Journal(state) as j:
+        j.start_run("run-ci", "upgrade", str(inventory), ["pi-01"], {})
+        j.update_host("run-ci", "pi-01", tunnel_opened=True, lock_maybe_held=True)
+        j.step_begin("run-ci", "pi-01", "inspect")
+    conn = sqlite3.connect(journal_path(state))
+    with conn:
+        conn.execute("UPDATE runs SET machine = 'ci-job-4711'")
+    conn.close()
+    runner = CliRunner(env=ENV)
+    result = runner.invoke(
+        cli, ["-i", str(inventory), "--state-dir", str(state), "recover", "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    (host,) = json.loads(result.stdout)["hosts"]
+    assert (host["host"], host["result"]) == ("pi-01", "skipped")
+    assert "ci-job-4711" in host["error"]["message"]
+    assert "pi-01: left alone, still pending" in result.stderr and "--force" in result.stderr
+    with Journal(state) as j:
+        assert j.host_state("run-ci", "pi-01")["result"] is None

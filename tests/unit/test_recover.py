@@ -14,6 +14,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,17 @@ import pytest
 
 from deployer import workflow
 from deployer.clock import FakeClock
-from deployer.errors import TunnelNotUp
+from deployer.errors import TooManyCalls, TunnelNotUp
+from deployer.events import Fanout
 from deployer.hostfiles import HostPaths
 from deployer.inventory import load_inventory
-from deployer.journal import Journal, journal_path
+from deployer.journal import Journal, JournalSink, journal_path
+from deployer.plan import plan_host
 from deployer.recover import run_recover
+from deployer.remote import sha256_hex
 from deployer.result import Outcome
-from tests.doubles import PYTHON, FakeApi, LocalRemote
+from deployer.workflow import HostRun, RunContext
+from tests.doubles import PYTHON, FakeApi, LocalRemote, ProcessReaper
 
 pytestmark = pytest.mark.unit
 
@@ -133,11 +139,18 @@ class Fleet:
         owner = {"owner": "tester@box pid 1", "run_id": run_id, "since": 1.0}
         (lock / "owner").write_text(json.dumps(owner))
 
-    def crashed_run(self, run_id: str, facts: dict[str, dict[str, Any]], step: str) -> None:
+    def crashed_run(
+        self,
+        run_id: str,
+        facts: dict[str, dict[str, Any]],
+        step: str,
+        clock: FakeClock | None = None,
+    ) -> None:
         """The journal of a run whose process died with ``facts`` noted per host and
         ``step`` begun (as an upgrade journals it: secrets given to the journal)."""
         inventory = self.inventory()
-        with Journal(self.state, secrets=inventory.secret_values()) as journal:
+        secrets = inventory.secret_values()
+        with Journal(self.state, secrets=secrets, clock=clock) as journal:
             journal.start_run(run_id, "upgrade", str(self.root / "deployer.toml"), list(facts), {})
             for host, host_facts in facts.items():
                 journal.update_host(run_id, host, **host_facts)
@@ -232,6 +245,7 @@ def test_a_host_lost_between_reaching_it_and_disarming_its_guard_is_unsafe_and_s
     armed = fleet.facts("pi-01", run_id, staged=True, guard_armed=True)
     fleet.crashed_run(run_id, {"pi-01": armed}, step="stage")
     fleet.hold_lock("pi-01", run_id)
+    Path(fleet.paths("pi-01", run_id).run_dir).mkdir(parents=True)
     hosts = fleet.hosts
 
     def once_then_refused(host):
@@ -280,3 +294,201 @@ def test_a_short_dbid_inside_the_run_id_does_not_hide_the_run_dir_or_leave_the_l
         assert not state["lock_maybe_held"]
         assert (state["run_dir"], state["old_sha256"]) == (paths.run_dir, old_sha)
         assert journal.dangling() == []
+
+
+# --- item 3: recover acts on a host only while it holds the host lock ---------------------------
+
+
+def other_machine(fleet: Fleet, run_id: str, machine: str = "ci-runner-7") -> None:
+    """The run was recorded on another machine (a CI job's container)."""
+    conn = sqlite3.connect(journal_path(fleet.state))
+    with conn:
+        conn.execute("UPDATE runs SET machine = ? WHERE run_id = ?", (machine, run_id))
+    conn.close()
+
+
+def recover_steps(fleet: Fleet, run_id: str, host: str) -> int:
+    with Journal(fleet.state) as journal:
+        return sum(1 for s in journal.steps(run_id, host) if s["step"] == "recover")
+
+
+def test_a_lock_held_by_another_run_leaves_the_host_alone_and_says_so(fleet):
+    run_id = "20250101T000000Z-aaaaaa"
+    facts = fleet.facts("pi-01", run_id)  # it died at the lock step: the lock was not its
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="lock")
+    fleet.hold_lock("pi-01", "20250101T000500Z-bbbbbb")  # another run works on the host
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.SKIPPED, result
+    assert "20250101T000500Z-bbbbbb" in result.error.message
+    assert fleet.api.count("disconnect") == 0, "the other run's tunnel was closed"
+    assert fleet.api.count("set_allow_clientless") == 0
+    owner = json.loads((fleet.lock("pi-01") / "owner").read_text())
+    assert owner["run_id"] == "20250101T000500Z-bbbbbb"
+    assert fleet.journal_state(run_id, "pi-01")["result"] is None  # still to recover
+
+
+def test_a_run_whose_run_dir_is_gone_is_only_closed_and_marked(fleet):
+    """It was rolled back and cleaned up; deployer died in the last disconnect."""
+    run_id = "20250101T000000Z-cccccc"
+    old_sha = sha256_hex(fleet.script("pi-01").read_bytes())
+    facts = fleet.facts(
+        "pi-01",
+        run_id,
+        staged=True,
+        guard_armed=True,
+        swap_started=True,
+        lock_maybe_held=False,
+        old_sha256=old_sha,
+        new_sha256="f" * 64,
+        backup_path=str(fleet.root / "pi-01" / "backup-that-must-not-come-back"),
+    )
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="cleanup")
+    fleet.api.inject("set_allow_clientless", lambda: TooManyCalls("no window"), allow=True, times=9)
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.ROLLED_BACK, result.error
+    assert fleet.api.count("disconnect") == 1
+    assert ("set_allow_clientless", "pi-01", True) not in fleet.api.calls
+    assert sha256_hex(fleet.script("pi-01").read_bytes()) == old_sha
+    assert not fleet.lock("pi-01").exists()
+    state = fleet.journal_state(run_id, "pi-01")
+    assert (state["result"], state["tunnel_opened"], state["lock_maybe_held"]) == (
+        "rolled_back",
+        False,
+        False,
+    )
+
+
+def test_a_run_recorded_on_another_machine_is_left_alone_while_it_may_be_alive(fleet):
+    run_id = "20250101T000000Z-dddddd"
+    fleet.crashed_run(run_id, {"pi-02": fleet.facts("pi-02", run_id)}, step="inspect")
+    other_machine(fleet, run_id)
+    fleet.hold_lock("pi-02", run_id)
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.SKIPPED, result
+    assert "ci-runner-7" in result.error.message and "--force" in result.error.message
+    assert fleet.api.calls == []  # not even reached: that run may be working on it
+    assert fleet.lock("pi-02").exists()
+    assert fleet.journal_state(run_id, "pi-02")["result"] is None
+
+    (forced,) = fleet.recover(force=True).hosts
+    assert forced.result is Outcome.FAILED, forced.error
+    assert not fleet.lock("pi-02").exists()
+
+
+def test_a_run_recorded_on_another_machine_is_recovered_once_past_its_deadline(fleet):
+    run_id = "20250101T000000Z-eeeeee"
+    fleet.crashed_run(
+        run_id, {"pi-02": fleet.facts("pi-02", run_id)}, step="inspect", clock=FakeClock(0.0)
+    )
+    other_machine(fleet, run_id)
+    fleet.hold_lock("pi-02", run_id)
+    fleet.clock = FakeClock(start=24 * 3600.0)  # a day after its last record
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.FAILED, result.error
+    assert not fleet.lock("pi-02").exists()
+
+
+def test_two_recovers_at_once_finish_a_host_once(fleet):
+    run_id = "20250101T000000Z-ffffff"
+    staged = fleet.facts("pi-02", run_id, staged=True)
+    fleet.crashed_run(run_id, {"pi-02": staged}, step="stage")
+    fleet.hold_lock("pi-02", run_id)
+    Path(fleet.paths("pi-02", run_id).run_dir).mkdir(parents=True)
+
+    def slow_connect(call, allow):
+        if call == "connect":
+            time.sleep(0.3)  # both recovers reach the host at about the same time
+
+    fleet.api.on_call = slow_connect
+    start = threading.Barrier(2)
+    results: list[Any] = []
+
+    def recover():
+        start.wait()
+        results.extend(fleet.recover().hosts)
+
+    threads = [threading.Thread(target=recover) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert sorted(r.result.value for r in results) == ["failed", "skipped"], results
+    skipped = next(r for r in results if r.result is Outcome.SKIPPED)
+    assert "recover" in skipped.error.message
+    assert recover_steps(fleet, run_id, "pi-02") == 1, "the host was recovered twice"
+    assert fleet.journal_state(run_id, "pi-02")["result"] == "failed"
+    assert not fleet.lock("pi-02").exists()
+    assert not Path(fleet.paths("pi-02", run_id).run_dir).exists()
+
+
+class Killed(BaseException):
+    """deployer killed (``kill -9``) in the middle of a call: nothing after it runs."""
+
+
+def journalled_upgrade(site, state: Path, run_id: str, **vars: str):
+    """One upgrade of the test_workflow site, journalled as ``deployer upgrade`` does."""
+    inventory = site.inventory(**vars)
+    plan = plan_host(inventory, inventory.hosts["pi-01"], run_id)
+    with Journal(state, secrets=inventory.secret_values()) as journal:
+        journal.start_run(run_id, "upgrade", str(site.root / "deployer.toml"), ["pi-01"], {})
+        ctx = RunContext(
+            run_id=run_id,
+            inventory=inventory,
+            api=site.api,
+            remote_factory=site.factory,
+            events=Fanout(site.events, JournalSink(journal, run_id)),
+            journal=journal,
+            owner="tester@box pid 1",
+        )
+        result = HostRun(ctx, plan).execute()
+        journal.finish_run(run_id, ok=result.succeeded)
+        return result
+
+
+def test_recover_never_reinstalls_a_rolled_back_runs_backup_over_a_later_upgrade(tmp_path):
+    """A rolled-back run killed in cleanup's disconnect; a later run upgrades the
+    host; recover must not put the first run's backup (the old script) back."""
+    from tests.unit.test_workflow import Site
+
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path)
+        state = tmp_path / "state"
+        first = "20250101T000000Z-111111"
+        site.api.inject("disconnect", Killed)
+        with pytest.raises(Killed):
+            journalled_upgrade(site, state, first, release="2", fail="crash")
+        assert site.script.read_bytes() == site.old  # it was rolled back
+        assert not (site.base / "runs" / first).exists()  # and cleaned up on the host
+        site.api.injections.clear()
+        later = journalled_upgrade(site, state, "20250101T000100Z-222222", release="3")
+        assert later.result is Outcome.UPGRADED, later.error
+        upgraded = site.script.read_bytes()
+        conn = sqlite3.connect(journal_path(state))
+        with conn:  # the first run's process is gone
+            conn.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (exited_pid(), first))
+        conn.close()
+
+        before = len(site.api.calls)
+        run = run_recover(site.inventory(), state, remote_factory=site.factory, api=site.api)
+
+        (result,) = run.hosts
+        assert site.script.read_bytes() == upgraded, "recover downgraded the later upgrade"
+        assert result.result is Outcome.ROLLED_BACK, result.error
+        assert ("set_allow_clientless", "pi-01", True) not in site.api.calls[before:]
+        assert ("disconnect", "pi-01", None) in site.api.calls[before:]
+        assert not (site.base / "lock").exists()
+        with Journal(state) as journal:
+            assert journal.dangling() == []
+            assert journal.host_state(first, "pi-01")["result"] == "rolled_back"
+    finally:
+        reaper.kill_all()
