@@ -80,6 +80,7 @@ class ParkedHost:
     last_online: float | None = None  # the newest online look
     looks: int = 0  # looks made while parked (the watcher's and the rollout's)
     trusted: bool = False
+    trusted_at: float | None = None  # when it became ready (then it waits for a slot)
 
     def fresh(self, now: float, policy: WaitPolicy) -> bool:
         """Was it seen online recently enough to skip a look before the upgrade?"""
@@ -111,6 +112,7 @@ class Parking:
         with self._lock:
             entry = self._left.pop(index, None) or ParkedHost(index, name, since=now, next_look=now)
             entry.trusted = False
+            entry.trusted_at = None
             entry.online_since = None
             entry.next_look = now + self.interval
             self._parked[index] = entry
@@ -149,6 +151,7 @@ class Parking:
                     entry.online_since = now
                 if now - entry.online_since >= self.gap:
                     entry.trusted = True
+                    entry.trusted_at = now
                 else:
                     entry.next_look = entry.online_since + self.gap
             return entry.trusted
@@ -160,6 +163,7 @@ class Parking:
             entry = self._parked.get(index)
             if entry is not None:
                 entry.trusted = True
+                entry.trusted_at = None
                 entry.last_online = None
 
     def take_ready(self) -> ParkedHost | None:

@@ -567,9 +567,12 @@ class Rollout:
         """A parked host is back and about to be upgraded: its wait step ends."""
         entry = self._parking.record_of(index)
         self._wait_open.discard(index)
-        waited = self.wait.clock.now() - entry.since
+        now = self.wait.clock.now()
+        waited = now - entry.since
         self._waited[index] = waited
         facts = {"waiting": False, "looks": entry.looks}
+        if entry.trusted_at is not None:  # trusted, then it waited this long for a slot
+            facts["queued_seconds"] = round(now - entry.trusted_at, 3)
         self._emit("step_finished", entry.name, WAIT_STEP, "ok", waited, facts)
 
     def _with_wait(self, index: int, result: HostResult) -> None:

@@ -284,6 +284,8 @@ def test_the_wait_is_journalled_as_a_step_with_its_deadline():
     assert start[3]["waiting"] is True and start[3]["wait_deadline"] > time.time()
     assert end[:4] == ("end", "sbx-000", WAIT_STEP, "ok")
     assert end[4]["waiting"] is False
+    assert end[4]["looks"] >= 3  # offline, online, online again a gap later
+    assert 0 <= end[4]["queued_seconds"] < 1  # from trusted to its free slot
 
 
 # --- canary, batches, budget ----------------------------------------------------------------
