@@ -2,7 +2,7 @@
 
 This file is uploaded to the host (stdlib only, Python >= 3.6 there) with
 its per-run configuration injected where ``CONFIG`` is defined; see
-:func:`deployer.plan.render_guard`. Started with ``--detach`` it
+:func:`deployer.guardlink.render_guard`. Started with ``--detach`` it
 forks into its own session and prints its pid; deployer starts it before the
 window opens, so the swap itself is one SSH round trip (``touch go``) inside
 the window, and a deployer killed right after opening the window still has
@@ -54,7 +54,7 @@ import time
 import urllib.parse
 import urllib.request
 
-CONFIG = {}  # replaced per run by deployer.plan.render_guard
+CONFIG = {}  # replaced per run by deployer.guardlink.render_guard
 
 POLL = 0.1  # seconds between looks at the control files and the client
 GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window

@@ -208,19 +208,3 @@ def prune_backups(remote: Remote, paths: HostPaths, keep: int) -> list[str]:
     private = f"(chmod -R go-rwx {sh(paths.backups)} 2>/dev/null || true)"
     remote.run(f"{sh('rm', '-f', *doomed)} && {private}" if doomed else private)
     return doomed
-
-
-def read_guard_status(remote: Remote, paths: HostPaths) -> list[dict]:
-    """The guard's status lines so far (an incomplete last line is ignored).
-
-    Each read also touches ``alive``: the guard reverts early when deployer
-    stops reading (it vanished), instead of waiting for its deadline."""
-    alive = sh(paths.control("alive"))
-    res = remote.run(f"touch {alive} 2>/dev/null; cat {sh(paths.status)} 2>/dev/null || true")
-    lines = []
-    for raw in res.stdout.split("\n"):
-        try:
-            lines.append(json.loads(raw))
-        except ValueError:
-            continue
-    return lines

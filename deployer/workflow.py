@@ -41,12 +41,30 @@ from deployer.errors import (
 )
 from deployer.events import EventSink
 from deployer.guard import SLOW_STOP_WAIT, STOP_WAIT
+from deployer.guardlink import (
+    ABORTED,
+    COMMIT,
+    COMMITTED,
+    ERROR,
+    FINAL_STATES,
+    FIRSTLIFE,
+    GO,
+    READY,
+    REVERT,
+    REVERTED,
+    REVERTING_STATES,
+    WATCHING_STATES,
+    GuardLink,
+    go_deadline,
+    guard_config,
+    render_guard,
+    revert_online_wait,
+)
 from deployer.hostfiles import (
     list_backups,
     loose_mode_warning,
     prune_backups,
     read_file,
-    read_guard_status,
     read_lock,
     release_lock,
     remote_script_info,
@@ -54,7 +72,7 @@ from deployer.hostfiles import (
     take_lock,
 )
 from deployer.model import HostConfig, Inventory
-from deployer.plan import HostPlan, go_deadline, guard_config, render_guard, revert_online_wait
+from deployer.plan import HostPlan
 from deployer.remote import CommandResult, Remote, sh, sha256_hex
 from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
 from deployer.retry import HARD_RETRY
@@ -62,7 +80,6 @@ from deployer.secrets import scrub
 
 log = logging.getLogger("deployer.workflow")
 
-GUARD_POLL = 0.05  # seconds between looks at the guard's status while it swaps
 EVIDENCE_POLL = 0.25  # seconds between looks at the guard while waiting out offline detection
 SSH_RETRY = (0.25, 1.5, 2.0)  # reaching a host while its tunnel comes up: first delay, factor, cap
 OPEN_MARGIN = 15.0  # seconds opening the window ends before the armed guard's go deadline
@@ -77,13 +94,10 @@ CLEANUP_REATTACH = 30.0  # seconds cleanup tries to reach a host again to releas
 REATTACH_EVERY = 2.0  # seconds between attempts to reach a host again
 REATTACH_MARGIN = 60.0  # past the guard's deadline, give up reaching the host
 
-FINAL_GUARD_STATES = {"committed", "reverted", "aborted"}
-WATCHING_STATES = {"started", "ready", "first_life"}  # the new client runs, the guard watches it
 # Where a lost session is expected and is regained to go on (the old client's stop
 # may end the tunnel it rode on). Later, with the window closed, a lost session
 # means the new client's tunnel was cut: that rolls back.
 SWAP_STEPS = {"swap", "first_life", "close_window"}
-REVERTING_STATES = {"reverting", "restored", "reverted", "aborted", "error"}
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,14 @@ class HostRun:
         self.tunnel_ours = False  # we held the host lock: no other run can ride on the tunnel
         self.journal_failed = False  # a journal or event sink write failed while unwinding
         self.backup_path: str | None = None
+        self.guard = GuardLink(
+            self.paths,
+            self.host.python,
+            remote=lambda: self.remote,
+            regain=self._regain_for_guard,
+            clock=self.clock,
+            host=self.host.name,
+        )
 
     # -- the run ------------------------------------------------------------------
 
@@ -419,15 +441,13 @@ class HostRun:
     def _stage(self) -> None:
         r, p = self.remote, self.paths
         self.backup_path = backup = p.backup_for(self.old_sha, self.clock.wall())
-        guard = render_guard(
-            guard_config(self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened)
-        )
+        guard = self._guard_program(backup)
         self._note(staged=True, backup_path=backup)
         r.run(f"umask 077 && mkdir -p {sh(p.backups)} {sh(p.run_dir)}")
         r.write_file(p.staged, self.script)
-        r.write_file(p.guard, guard)
+        self.guard.upload(guard)
         mode = self.host.mode
-        r.run(f"chmod {sh(mode)} {sh(p.staged)} && chmod 0700 {sh(p.guard)}")
+        r.run(f"chmod {sh(mode)} {sh(p.staged)} && {self.guard.private()}")
         if self.host.sudo:  # uploaded as the SSH user: give it the installed script's owner
             script = sh(p.script_path)
             r.run(f"if [ -e {script} ]; then chown --reference={script} {sh(p.staged)}; fi")
@@ -449,20 +469,19 @@ class HostRun:
                 )
         self._arm_guard()
 
+    def _guard_program(self, backup: str) -> bytes:
+        """This run's guard, rendered with its config (which holds credentials)."""
+        config = guard_config(
+            self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened
+        )
+        return render_guard(config)
+
     def _arm_guard(self) -> None:
         """Start the guard before the window opens; it waits for ``go`` (the swap)."""
         self._note(guard_armed=True)
         self.guard_armed = True
         self.armed_at = self.clock.now()  # before the guard starts its go deadline
-        res = self.remote.run(
-            f"cd {sh(self.paths.run_dir)} && {sh(self.host.python)} guard.py --detach"
-        )
-        try:
-            int(res.stdout.strip().splitlines()[-1])  # --detach prints the guard's pid
-        except (ValueError, IndexError):
-            raise GuardError(
-                f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host.name
-            ) from None
+        self.guard.arm()
 
     def _open_window(self) -> None:
         """Open the window; while an armed guard waits for ``go``, the call must be
@@ -479,7 +498,7 @@ class HostRun:
         self._note(swap_started=True)
         self.swap_started = True
         self.swap_at = self.clock.now()
-        self._on_host(sh("touch", self.paths.control("go")))
+        self.guard.signal(GO)
 
     def _first_life(self) -> None:
         """Wait for evidence that the NEW client reached the provider after the swap.
@@ -501,13 +520,13 @@ class HostRun:
         """The guard stops the old client (a slow stop gets more time), swaps and
         starts the new one; online_timeout counts from that start."""
         deadline = self.clock.now() + SWAP_WAIT
-        while self._guard_state() not in WATCHING_STATES:
-            self._wait(deadline, GUARD_POLL, "started by the guard", SWAP_WAIT)
+        if not self.guard.await_state(WATCHING_STATES, deadline, self.step_name, abort=self.abort):
+            self._timed_out("started by the guard", SWAP_WAIT)
 
     def _await_ready(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
-        while self._guard_state() != "ready":
-            self._wait(deadline, GUARD_POLL, "ready (the service's ready probe never passed)")
+        if not self.guard.await_state({READY}, deadline, self.step_name, abort=self.abort):
+            self._timed_out("ready (the service's ready probe never passed)")
 
     def _await_fresh_online(self) -> None:
         deadline = self.clock.now() + self.plan.online_timeout
@@ -517,28 +536,29 @@ class HostRun:
         delay = first
         while True:
             if self.clock.now() < aged:
-                self._guard_state()  # a new client that dies meanwhile is reverted
+                self.guard.state(self.step_name)  # a new client that dies meanwhile is reverted
                 self._wait(deadline, min(EVIDENCE_POLL, aged - self.clock.now()), "online")
                 continue
             if self.api.client_status(self.host):
                 return
-            self._guard_state()
+            self.guard.state(self.step_name)
             self._wait(deadline, delay, "online")
             delay = min(delay * factor, cap)
 
     def _wait(self, deadline: float, delay: float, what: str, limit: float | None = None) -> None:
         if self.clock.now() + delay > deadline:
-            within = f"{limit:g}s" if limit else f"online_timeout ({self.plan.online_timeout:g}s)"
-            raise ClientOffline(
-                f"new client not {what} within {within}",
-                host=self.host.name,
-                step=self.step_name,
-            )
+            self._timed_out(what, limit)
         self.clock.sleep(delay, self.abort)
+
+    def _timed_out(self, what: str, limit: float | None = None) -> None:
+        within = f"{limit:g}s" if limit else f"online_timeout ({self.plan.online_timeout:g}s)"
+        raise ClientOffline(
+            f"new client not {what} within {within}", host=self.host.name, step=self.step_name
+        )
 
     def _close_window(self) -> None:
         self._shut_window()
-        self._on_host(sh("touch", self.paths.control("firstlife")))
+        self.guard.signal(FIRSTLIFE)
 
     def _shut_window(self) -> None:
         self.api.set_allow_clientless(self.host, False, retry=HARD_RETRY)
@@ -551,7 +571,7 @@ class HostRun:
         end = self.clock.now() + self.plan.stable_for
         while (left := end - self.clock.now()) > 0:
             self._check_abort()
-            state = self._guard_state()
+            state = self.guard.state(self.step_name)
             if state not in WATCHING_STATES:
                 raise GuardError(
                     f"the guard stopped watching (state {state!r})", host=self.host.name
@@ -567,7 +587,7 @@ class HostRun:
                     host=self.host.name,
                     step="soak",
                 )
-        self._guard_state()
+        self.guard.state(self.step_name)
         if not self.api.client_status(self.host):
             raise ClientOffline(
                 f"new client went offline during the soak ({self.plan.stable_for:g}s)",
@@ -578,48 +598,24 @@ class HostRun:
     def _commit(self) -> None:
         self._note(commit_requested=True)
         self.commit_requested = True
-        self._on_host(sh("touch", self.paths.control("commit")))
-        end = self.clock.now() + COMMIT_WAIT
-        while self.clock.now() < end:
-            state = self._guard_last().get("state")
-            if state == "committed":
-                self.committed = True
-                self._note(committed=True)
-                return
-            if state in REVERTING_STATES:
-                raise GuardError(
-                    f"the guard reverted before it saw the commit ({state})", host=self.host.name
-                )
-            self.clock.sleep(GUARD_POLL)
-        raise GuardError("the guard did not confirm the commit", host=self.host.name)
-
-    # -- the guard's status -----------------------------------------------------------
-
-    def _guard_lines(self) -> list[dict[str, Any]]:
-        """The guard's status lines; during the swap a lost session is regained once."""
-        try:
-            return read_guard_status(self.remote, self.paths)
-        except SshSessionLost:
-            if self.unwinding or self.step_name not in SWAP_STEPS:
-                raise
-            self._regain()
-            return read_guard_status(self.remote, self.paths)
-
-    def _guard_last(self) -> dict[str, Any]:
-        lines = self._guard_lines()
-        return lines[-1] if lines else {}
-
-    def _guard_state(self) -> str:
-        """The guard's current state; raises if it is reverting or gave up."""
-        last = self._guard_last()
-        state = last.get("state", "")
+        self.guard.signal(COMMIT)
+        state = self.guard.await_commit(COMMIT_WAIT)
+        if state == COMMITTED:
+            self.committed = True
+            self._note(committed=True)
+            return
         if state in REVERTING_STATES:
             raise GuardError(
-                f"the guard is reverting: {last.get('reason', state)}",
-                host=self.host.name,
-                step=self.step_name,
+                f"the guard reverted before it saw the commit ({state})", host=self.host.name
             )
-        return state
+        raise GuardError("the guard did not confirm the commit", host=self.host.name)
+
+    def _regain_for_guard(self, lost: SshSessionLost) -> None:
+        """A session lost while talking to the guard: during the swap it is
+        regained (the caller then tries once more); anywhere else it stands."""
+        if self.unwinding or self.step_name not in SWAP_STEPS:
+            raise lost
+        self._regain()
 
     # -- unwinding ----------------------------------------------------------------------
 
@@ -671,17 +667,14 @@ class HostRun:
         """Stop an armed guard before the lock goes: it must not act on a later run."""
         if self.remote is None:  # the host was not reached (again): nothing to ask it
             raise SshConnectError("host not reachable to disarm the guard", host=self.host.name)
-        lines = self._guard_lines()
-        if lines and lines[-1].get("state") in FINAL_GUARD_STATES:
+        lines = self.guard.lines()
+        if lines and lines[-1].get("state") in FINAL_STATES:
             return
-        if not lines or not self._guard_alive(lines[0].get("pid")):
+        if not lines or not self.guard.alive(lines[0].get("pid")):
             return  # it never ran, or is gone: nothing left that could act
-        self.remote.run(sh("touch", self.paths.control("revert")))
-        end = self.clock.now() + DISARM_WAIT
-        while self._guard_last().get("state") not in FINAL_GUARD_STATES:
-            if self.clock.now() > end:
-                raise GuardError("the guard did not confirm it was disarmed", host=self.host.name)
-            self.clock.sleep(GUARD_POLL)
+        self.guard.signal(REVERT, regain=False)
+        if self.guard.await_final(DISARM_WAIT) not in FINAL_STATES:
+            raise GuardError("the guard did not confirm it was disarmed", host=self.host.name)
 
     def _revert(self) -> Outcome:
         if self.committed:
@@ -690,40 +683,30 @@ class HostRun:
             if not self._ssh_alive():
                 self._shut_window_quietly()
                 self._reattach()
-            lines = self._guard_lines()
+            lines = self.guard.lines()
             state = lines[-1].get("state", "") if lines else ""
             if self.commit_requested and state in WATCHING_STATES:
-                state = self._await_guard_final(COMMIT_WAIT)  # never race a commit
-            if state == "committed":
+                state = self.guard.await_final(COMMIT_WAIT)  # never race a commit
+            if state == COMMITTED:
                 return self._committed_after_all()
             if not lines and self._installed() == self.old_sha:
                 return Outcome.FAILED  # the guard never ran: nothing changed
-            if state not in ("reverted", "aborted"):
+            if state not in (REVERTED, ABORTED):
                 # a guard that hit an error no longer reads its control files
-                alive = bool(lines) and state != "error" and self._guard_alive(lines[0].get("pid"))
+                alive = bool(lines) and state != ERROR and self.guard.alive(lines[0].get("pid"))
                 state = self._ask_guard_to_revert(relaunch=not alive)
-            if state == "committed":  # our commit reached the guard before the revert
+            if state == COMMITTED:  # our commit reached the guard before the revert
                 return self._committed_after_all()
             self._shut_window()
-            last = self._guard_last()
+            last = self.guard.last()
             self._verify_old_client()  # also when nothing changed: the old client runs?
-            if state == "aborted" and not last.get("changed", True):
+            if state == ABORTED and not last.get("changed", True):
                 return Outcome.FAILED
             return Outcome.ROLLED_BACK
         except Exception as exc:  # noqa: BLE001 - whatever happened, end state unknown
             self._message(f"rollback could not be verified: {type(exc).__name__}: {exc}")
             self._shut_window_quietly()
             return Outcome.UNSAFE
-
-    def _await_guard_final(self, seconds: float) -> str:
-        """The guard's state once it is final (committed, reverted, aborted), or
-        whatever it is after ``seconds``."""
-        end = self.clock.now() + seconds
-        state = self._guard_last().get("state", "")
-        while state not in FINAL_GUARD_STATES and self.clock.now() < end:
-            self.clock.sleep(GUARD_POLL)
-            state = self._guard_last().get("state", "")
-        return state
 
     def _committed_after_all(self) -> Outcome:
         """The guard took the commit: the new script stays, whatever failed after."""
@@ -750,46 +733,19 @@ class HostRun:
     def _installed(self) -> str | None:
         return remote_sha256(self.remote, self.paths.script_path)
 
-    def _guard_alive(self, pid: Any) -> bool:
-        if not isinstance(pid, int):
-            return False
-        # not just `kill -0`: after a reboot the pid may be another process, and a
-        # killed guard may linger as a zombie
-        stat = f"/proc/{pid}/stat"
-        check = (
-            f's=$(cat {stat} 2>/dev/null) && case "${{s##*) }}" in Z*|X*) exit 1;; esac '
-            f"&& grep -qa guard.py /proc/{pid}/cmdline"
-        )
-        return self.remote.run(check, check=False).ok
-
     def _ask_guard_to_revert(self, relaunch: bool = False) -> str:
         if self.window_open_since is None:
             self._open_window()  # the old client's restart must not cut the tunnel
         if relaunch:  # the run's guard is gone (host rebooted, killed): a new one undoes
-            self._relaunch_guard()
+            backup = self.backup_path or self.paths.backup_for(self.old_sha, self.clock.wall())
+            self.guard.relaunch(self._guard_program(backup))
         else:
-            self.remote.run(sh("touch", self.paths.control("revert")))
+            self.guard.signal(REVERT, regain=False)
         evidence = revert_online_wait(self.ctx.inventory.provider.offline_detection)
-        end = self.clock.now() + REVERT_WAIT + evidence
-        while self.clock.now() < end:
-            state = self._guard_last().get("state", "")
-            if state in FINAL_GUARD_STATES:
-                return state
-            self.clock.sleep(0.2)
+        state = self.guard.await_final(REVERT_WAIT + evidence, poll=0.2)
+        if state in FINAL_STATES:
+            return state
         raise GuardError("the guard did not finish its revert", host=self.host.name)
-
-    def _relaunch_guard(self) -> None:
-        p = self.paths
-        backup = self.backup_path or p.backup_for(self.old_sha, self.clock.wall())
-        guard = render_guard(
-            guard_config(self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened)
-        )
-        self.remote.run(f"umask 077 && mkdir -p {sh(p.run_dir)}")
-        self.remote.write_file(p.guard, guard)
-        self.remote.run(
-            f"chmod 0700 {sh(p.guard)} && cd {sh(p.run_dir)} && "
-            f"{sh(self.host.python)} guard.py --detach --revert"
-        )
 
     def _verify_old_client(self) -> None:
         end = self.clock.now() + self.plan.online_timeout

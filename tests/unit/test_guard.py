@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.plan import render_guard
+from deployer.guardlink import render_guard
 from tests.doubles import (
     PYTHON,
     FakeApi,

@@ -1,5 +1,5 @@
-"""Remote paths, the host lock, backups and the guard's status, on local files
-through LocalRemote (the real shell commands run)."""
+"""Remote paths, the host lock and backups, on local files through LocalRemote
+(the real shell commands run). The guard's status: test_guardlink.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from deployer.hostfiles import (
     loose_mode_warning,
     prune_backups,
     read_file,
-    read_guard_status,
     read_lock,
     release_lock,
     remote_script_info,
@@ -233,22 +232,6 @@ def test_read_file_round_trips_bytes(remote, tmp_path):
     f = tmp_path / "bin"
     f.write_bytes(data)
     assert read_file(remote, str(f)) == data
-
-
-# --- the guard's status --------------------------------------------------------------
-
-
-def test_guard_status_ignores_a_partial_last_line(remote, paths, tmp_path):
-    run = tmp_path / "opt/.client.py.deployer/runs/run-A"
-    run.mkdir(parents=True)
-    (run / "status").write_text(
-        '{"state": "running", "t": 1.0}\n{"state": "backed_up", "t": 2.0}\n{"state": "sto'
-    )
-    assert [ln["state"] for ln in read_guard_status(remote, paths)] == ["running", "backed_up"]
-
-
-def test_guard_status_missing_is_empty(remote, paths):
-    assert read_guard_status(remote, paths) == []
 
 
 # --- quoting --------------------------------------------------------------------------
