@@ -82,7 +82,8 @@ log = logging.getLogger("deployer.workflow")
 
 EVIDENCE_POLL = 0.25  # seconds between looks at the guard while waiting out offline detection
 SSH_RETRY = (0.25, 1.5, 2.0)  # reaching a host while its tunnel comes up: first delay, factor, cap
-OPEN_MARGIN = 15.0  # seconds opening the window ends before the armed guard's go deadline
+OPEN_MARGIN = 2.0  # seconds opening the window ends before the armed guard's go deadline
+# (the guard starts after deployer notes armed_at: this only covers its own look interval)
 # the guard's stop of the old client: SIGTERM wait, SIGKILL wait, the slow-stop wait, margin
 SWAP_WAIT = STOP_WAIT + 3.0 + SLOW_STOP_WAIT + 10.0
 STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap

@@ -700,3 +700,10 @@ def test_opening_within_a_budget_never_waits_for_a_slot_past_it(serve, make_api,
         api.set_allow_clientless(HOST, True, within=20.0)
     assert clock.now() - t0 < 20.0
     assert script.count == 0
+
+
+def test_opening_within_a_budget_goes_through_on_an_idle_limiter(serve, make_api, clock):
+    script = serve(reply(allow_clientless=True))
+    api = make_api(timeout=5.0)
+    api.set_allow_clientless(HOST, True, within=6.0)
+    assert script.count == 1

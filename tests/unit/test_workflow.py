@@ -914,3 +914,18 @@ def test_a_live_view_that_crashes_during_the_rollback_does_not_stop_it(site):
     assert site.script.read_bytes() == site.old and pidfile_alive(site.pidfile)
     assert_window_closed(site.api)
     assert not (site.base / "lock").exists()
+
+
+def test_the_opening_budget_leaves_room_for_a_request_with_small_timings(site):
+    """The sandbox's sizes: a 20 s guard deadline (so a 20 s go deadline) and 5 s
+    API timeouts. The budget must still hold a whole request, or no window opens."""
+    path = site.root / "deployer.toml"
+    text = path.read_text().replace(
+        "offline_detection = 0.3", "offline_detection = 0.3\ntimeout = 5.0"
+    )
+    path.write_text(
+        text.replace("online_timeout = 3\n", "online_timeout = 3\nguard_deadline = 20\n")
+    )
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert site.api.within[0] > 5.0 + 5.0  # room for the limiter and one full request
