@@ -58,7 +58,8 @@ CONFIG = {}  # replaced per run by deployer.guardlink.render_guard
 
 POLL = 0.1  # seconds between looks at the control files and the client
 GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window
-READY_POLL = 0.2  # seconds between runs of the service's ready probe
+READY_POLL = 0.05  # seconds between runs of the ready probe (it is inside the window)
+STATUS_EVERY = 1.0  # seconds between the guard's own client_status calls
 STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
 SLOW_STOP_WAIT = 30.0  # more seconds for a client whose stop is asynchronous (command kind)
 ABORT_GRACE = 120.0  # seconds an aborted guard keeps a late-exiting old client running
@@ -317,12 +318,16 @@ class Guard:
         cfg = self.cfg
         aged = mark[1] + cfg.get("offline_detection", 0.0)
         end = mark[1] + cfg.get("revert_online_wait", REVERT_ONLINE_WAIT)
+        next_ask = aged  # client_status at most once per STATUS_EVERY: the API is shared
         while time.monotonic() < end:
             if self.service.running():
                 if cfg.get("ready") and self.probe(mark):
                     return True
-                if time.monotonic() >= aged and api_online(cfg.get("api")):
-                    return True
+                now = time.monotonic()
+                if now >= next_ask:
+                    next_ask = now + STATUS_EVERY
+                    if api_online(cfg.get("api")):
+                        return True
             time.sleep(READY_POLL)
         return self.service.running()
 
