@@ -16,11 +16,14 @@ What must stay true:
   ``deployer.hostfiles``): a lock that is absent is taken, a lock the
   recovered run holds is taken over, and recover holds it — in that run's
   name, with its own process beside it (``recover`` in the owner file) — until
-  the host is finished. A lock held by any other run, or by another live
-  ``recover``, leaves the host alone (reported ``skipped``, still pending in
-  the journal). Taking a lock over is atomic: ``mkdir lock/taken-HOLDER``
-  succeeds for one recover only, so two recovers never both act on a host,
-  and the journal gets one final result (re-read once the lock is held).
+  the host is finished. A lock held by any other run leaves the host alone
+  (reported ``skipped``, still pending in the journal). Taking a lock over is
+  atomic: ``mkdir lock/taken-HOLDER`` succeeds for one recover only, so two
+  recovers never both act on a host, and the journal gets one final result
+  (re-read once the lock is held). A recover that meets another one at work
+  on the host acts on nothing there: on this machine it waits for that
+  recover's result in the journal and reports it; one on another machine
+  leaves the host alone.
 * **A run dir that is gone means the run had cleaned up** the host (it is
   removed at cleanup, before the lock is released): nothing there is undone —
   no guard relaunched, no backup restored over what a later run installed.
@@ -79,6 +82,7 @@ log = logging.getLogger("deployer.recover")
 RECOVER_PARALLEL = 8  # hosts recovered at once (each may wait for a guard's deadline)
 RECOVER_STEP = "recover"
 OWNER_GRACE = 1.0  # seconds: a lock without its owner file yet may be a run writing it now
+AWAIT_POLL = 0.5  # seconds between looks at the journal while another recover finishes a host
 TAKEN = "taken-"  # lock/taken-HOLDER: the one recover that took HOLDER's lock over
 # facts that say the run may have left something on the host (or a tunnel to it)
 HOST_FACTS = (
@@ -170,6 +174,14 @@ class _Holder:
         return f"held by {self.owner} (run {self.run_id}) for {max(0.0, now - self.since):.0f}s"
 
 
+@dataclass(frozen=True)
+class _Busy:
+    """Why recover leaves a host alone; ``recover``: the recover at work on it."""
+
+    why: str
+    recover: _Holder | None = None
+
+
 @dataclass
 class _Recovery:
     """One ``deployer recover``: what every host's recovery shares."""
@@ -255,11 +267,18 @@ class _Recovery:
             return self._unreachable(ctx, plan, item, exc)
         try:
             busy = self._hold(remote, plan, item)
-            if busy:
-                return self._left_alone(item.host, busy)
-            if _finished(self.journal.host_state(item.run_id, item.host)):
-                release_lock(remote, plan.paths)  # ours, taken for nothing
-                return self._left_alone(item.host, "another deployer recover finished it")
+            if busy is not None and busy.recover is not None:
+                done = self._await_other_recover(item, busy.recover, plan)
+                if done is not None:
+                    return done
+                busy = self._hold(remote, plan, item)  # it is gone without finishing
+            state = self.journal.host_state(item.run_id, item.host)
+            if _finished(state):  # another recover finished it meanwhile
+                if busy is None:
+                    release_lock(remote, plan.paths)  # ours, taken for nothing
+                return self._recorded(item, state)
+            if busy is not None:
+                return self._left_alone(item.host, busy.why)
             self.journal.update_host(item.run_id, item.host, lock_maybe_held=True)
             if not remote.run(sh("test", "-d", plan.paths.run_dir), check=False).ok:
                 return self._cleaned_up(ctx, plan, item, remote)
@@ -324,9 +343,9 @@ class _Recovery:
 
     # -- the host lock --------------------------------------------------------------------
 
-    def _hold(self, remote: Remote, plan: HostPlan, item) -> str | None:
+    def _hold(self, remote: Remote, plan: HostPlan, item) -> _Busy | None:
         """Take the host lock for the recovery of ``item``'s run: None once held,
-        else why the host is left alone."""
+        else why the host is left alone (and the recover at work on it, if one is)."""
         p = plan.paths
         made = remote.run(f"mkdir -p {sh(p.base)} && mkdir {sh(p.lock)}", check=False).ok
         holder = None if made else self._read_holder(remote, p)
@@ -334,22 +353,62 @@ class _Recovery:
             self.clock.sleep(OWNER_GRACE)  # a run may be writing its owner file right now
             holder = self._read_holder(remote, p)
             if holder is None and not item.facts.get("lock_maybe_held"):
-                return f"the host lock {p.lock} has no owner file, and this run never took it"
+                return _Busy(f"the host lock {p.lock} has no owner file; this run never took it")
         key = item.run_id
         if holder is not None and holder.run_id != item.run_id:
-            return (
+            return _Busy(
                 f"the host lock is {holder.describe(self.clock.wall())}: another run holds "
                 f"it, not run {item.run_id}; left alone (see `deployer history {item.host}`)"
             )
         if holder is not None and holder.recover:
             if self._holder_alive(holder, plan):
-                return f"another deployer recover ({holder.owner}) is finishing this host"
+                why = f"another deployer recover ({holder.owner}) is finishing this host"
+                return _Busy(why, holder)
             key = str(holder.recover.get("run_id"))
         claim = remote.run(sh("mkdir", f"{p.lock}/{TAKEN}{key}"), check=False)
-        if not claim.ok:
-            return "another deployer recover is taking this host over right now"
+        if not claim.ok:  # another recover took it over a moment ago
+            self.clock.sleep(OWNER_GRACE)  # let it write its owner file
+            holder = self._read_holder(remote, p)
+            winner = holder if holder is not None and holder.recover else None
+            return _Busy("another deployer recover is taking this host over", winner)
         self._write_owner(remote, p, item.run_id)
         return None
+
+    def _await_other_recover(self, item, holder: _Holder, plan: HostPlan) -> HostResult | None:
+        """Another recover on this machine finishes the host: wait for its result in
+        the journal and report it (acting on nothing). None if that recover ended
+        without one, or took too long, or runs on another machine."""
+        if (holder.recover or {}).get("machine") != machine_name():
+            return None
+        end = self.clock.now() + presumed_dead_after(plan, self.inventory)
+        while self.clock.now() < end:
+            state = self.journal.host_state(item.run_id, item.host)
+            if _finished(state):
+                return self._recorded(item, state)
+            if not self._holder_alive(holder, plan):
+                return None
+            self.clock.sleep(AWAIT_POLL)
+        return None
+
+    def _recorded(self, item, state: dict[str, Any]) -> HostResult:
+        """The final result another recover recorded, told (not journalled again)."""
+        error = state.get("error") or None
+        result = HostResult(
+            host=item.host,
+            result=Outcome(state["result"]),
+            old_sha256=state.get("old_sha256"),
+            new_sha256=state.get("new_sha256"),
+            error=None
+            if error is None
+            else ErrorInfo(
+                step=error.get("step"),
+                type=str(error.get("type")),
+                message=str(error.get("message")),
+                api_error_code=error.get("api_error_code"),
+            ),
+        )
+        self.progress.host_finished(result)
+        return result
 
     def _read_holder(self, remote: Remote, paths: HostPaths) -> _Holder | None:
         res = remote.run(sh("cat", f"{paths.lock}/owner"), check=False)
