@@ -581,10 +581,10 @@ class HostRun:
         self._check_abort()
         if self.plan.health:
             res = self._on_host(self.plan.health, check=False)
-            if not res.ok:
+            if not res.ok:  # masked before it is cut: a cut must not leave part of an id
+                tail = scrub(res.stderr or res.stdout, self.ctx.inventory.secret_values())
                 raise VerifyError(
-                    f"health command failed (exit {res.exit_status}): "
-                    f"{(res.stderr or res.stdout).strip()[-300:]}",
+                    f"health command failed (exit {res.exit_status}): {tail.strip()[-300:]}",
                     host=self.host.name,
                     step="soak",
                 )

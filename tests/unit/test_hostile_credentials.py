@@ -104,6 +104,19 @@ def write_inventory(root: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _guard_without_api(monkeypatch):
+    """The guard's own provider calls are off (``api: None``), as in test_workflow."""
+    from deployer import workflow
+
+    real = workflow.guard_config
+
+    def guard_config(*args, **kwargs):
+        return {**real(*args, **kwargs), "api": None}
+
+    monkeypatch.setattr(workflow, "guard_config", guard_config)
+
+
 def leaked(text: str) -> list[str]:
     return [f for f in FRAGMENTS if f in text]
 
@@ -209,3 +222,24 @@ def test_scrub_masks_each_quoting_of_a_hostile_credential(inventory):
     secrets = inventory.secret_values()
     for name, form in forms.items():
         assert leaked(scrub(f"x {form} y", secrets)) == [], name
+
+
+def test_a_health_command_whose_output_tail_cuts_a_credential_leaks_no_part_of_it(tmp_path):
+    """The error keeps the last 300 characters of the output: a credential cut by
+    that tail must still be masked (mask first, then cut)."""
+    from tests.doubles import ProcessReaper
+    from tests.unit.test_workflow import Site
+
+    reaper = ProcessReaper(tmp_path)
+    try:
+        # DBID-SECRET-2222 followed by 290 characters: the tail starts inside it
+        health = "printf '%s' {{ dbid | quote }}; printf 'y%.0s' $(seq 1 290); exit 1"
+        site = Site(tmp_path, health=health)
+        result = site.run(release="2")
+        assert result.result is Outcome.ROLLED_BACK, result.error
+        assert "health command failed" in result.error.message
+        raw = "DBID-SECRET-2222"
+        pieces = [raw[i : i + 5] for i in range(len(raw) - 4)]  # more than the last four
+        assert [p for p in pieces if p in result.error.message] == [], result.error.message
+    finally:
+        reaper.kill_all()
