@@ -317,8 +317,11 @@ def lock_held(sandbox_dir: Path, host: str) -> bool:
 
 # --- the client's own log: when each client started and first reached the provider -----------
 
-# "2026-11-29 08:33:40,123 sshreach-client sbx-01 4242: message" (the client's log format)
-_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) sshreach-client .* (\d+): (.*)$")
+# "2026-11-29 08:33:40,123 sshreach-client sbx-01 4242: message" (the client's log format);
+# the pid is the first " digits: " after the host name (a message may hold another one)
+_LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) sshreach-client .*? (\d+): (.*)$"
+)
 _RELEASE_LINE = re.compile(r"^release (.*), sha256 ([0-9a-f]{12}): polling every")
 _GOOD_POLL_LINE = re.compile(r'^the provider says "[01]"')
 
