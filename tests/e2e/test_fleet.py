@@ -190,7 +190,7 @@ def test_rerun_is_idempotent(sb: Sandbox, parallel_run):
     sb.client.reset_counters()
     code, report, _ = deployer(sb.inventory, *upgrade_args("par", "all", "--parallel", "10"))
     state = sb.state()
-    assert code == EXIT_OK
+    assert code == EXIT_OK, {h["host"]: h["error"] for h in report["hosts"] if h["error"]}
     assert set(results(report).values()) == {"unchanged"}
     assert len(report["hosts"]) == HOSTS
     assert sum(calls(state, n)["set_allow_clientless"] for n in state["hosts"]) == 0
