@@ -1,4 +1,4 @@
-"""The SSHReach provider API client (SPEC 1, and ``get_client_script`` of 1b).
+"""The SSHReach provider API client (docs/reference/api-codes.md).
 
 One :class:`ProviderAPI` per run, shared by every host's thread: one
 ``requests.Session`` with a connection pool sized for parallel use, a timeout
@@ -19,8 +19,8 @@ How a reply is judged (docs/reference/api-codes.md is the user-facing table):
   ``script`` string (else it is a malformed, transient reply). That script is
   the one thing returned unmasked: it is what gets installed.
 - network errors, timeouts, HTTP 5xx, HTTP 429 and 2xx bodies that are not
-  the JSON of SPEC 1 are transient (:class:`~deployer.errors.ApiTransientError`).
-- any other HTTP status (3xx, 4xx) without a SPEC reply raises a plain
+  the provider's JSON reply are transient (:class:`~deployer.errors.ApiTransientError`).
+- any other HTTP status (3xx, 4xx) without the provider's JSON reply raises a plain
   :class:`~deployer.errors.ApiError` that is not retried (usually a wrong
   ``api_url``). Redirects are not followed: they would resend the credentials.
 
@@ -242,7 +242,8 @@ class ProviderAPI:
         self.call("set_allow_clientless", host, allow=allow, retry=retry, within=within)
 
     def get_client_script(self, host: HostConfig) -> str:
-        """The script the provider generated for ``host``'s ``client_id`` (SPEC 1b).
+        """The script the provider generated for ``host``'s ``client_id``
+        (docs/how-to/provider-source.md).
 
         Returned exactly as the provider sent it, credentials and all (it is
         the script to install): keep it out of output, logs and errors."""
@@ -271,7 +272,7 @@ class ProviderAPI:
 
     def raw_call(self, call: str, host: HostConfig, allow: bool | None = None) -> dict[str, Any]:
         """One call as the provider answers it: transient failures are retried,
-        any SPEC reply (whatever its code) is returned, not raised (masked)."""
+        any JSON reply of the provider (whatever its code) is returned, not raised (masked)."""
         self._check(call, allow, host)
         reply = self._with_retries(call, host, allow, self.retry.without_codes(), raw=True)
         return self._masked(reply, host)
@@ -420,7 +421,7 @@ class ProviderAPI:
         return response, None
 
     def _reply(self, call: str, host: HostConfig, response: requests.Response) -> dict[str, Any]:
-        """The SPEC reply in ``response``, or the transient/HTTP error it stands for."""
+        """The provider's JSON reply in ``response``, or the transient/HTTP error it stands for."""
         status = response.status_code
         if status >= 500:
             raise self._error(ApiTransientError, call, host, f"HTTP {status} from the provider")
@@ -437,7 +438,7 @@ class ProviderAPI:
             text = f"HTTP {status} from the provider (not retried; check api_url)"
             raise self._error(ApiError, call, host, text)
         excerpt = self._clean(response.content[:80].decode("utf-8", "replace"), host)
-        text = f"HTTP {status} but the reply is not the JSON of SPEC 1: {excerpt!r}"
+        text = f"HTTP {status} but the reply is not the provider's JSON: {excerpt!r}"
         raise self._error(ApiTransientError, call, host, text)
 
     def _judge(

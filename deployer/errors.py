@@ -69,7 +69,7 @@ class ApiError(DeployerError):
 
 
 class ApiTransientError(ApiError):
-    """Network error, timeout, HTTP 5xx or a reply that is not SPEC-shaped JSON."""
+    """Network error, timeout, HTTP 5xx or a reply that is not the provider's JSON."""
 
 
 class NotConnected(ApiError):
@@ -100,7 +100,7 @@ class WrongData(ApiError):
     code = 31
 
 
-# get_client_script (SPEC 1b) has codes of its own.
+# get_client_script (docs/how-to/provider-source.md) has codes of its own.
 
 
 class InvalidApiKey(ApiError):
@@ -128,7 +128,7 @@ class ProviderInternalError(ApiError):
 
 
 class UnknownApiError(ApiError):
-    """An error code SPEC 1 does not list; never retried."""
+    """An error code docs/reference/api-codes.md does not list; never retried."""
 
 
 API_ERRORS_BY_CODE: dict[int, type[ApiError]] = {

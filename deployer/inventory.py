@@ -1,4 +1,4 @@
-"""Load, validate and query the inventory (``deployer.toml``, SPEC 2).
+"""Load, validate and query the inventory (``deployer.toml``, docs/reference/inventory.md).
 
 The loader reads TOML, replaces ``${ENV_NAME}`` in every string, checks every
 table against the key schemas below (policies as data), merges each host's
@@ -650,7 +650,7 @@ def load_inventory(
     overrides: Mapping[str, str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Inventory:
-    """Read, check and merge the inventory at ``path`` (SPEC 2)."""
+    """Read, check and merge the inventory at ``path`` (docs/reference/inventory.md)."""
     path = Path(path)
     text = _read(path)
     source = _Source(path, _Locator(text), set())

@@ -1,6 +1,6 @@
 """The state journal: a SQLite file that says what every run did, step by step.
 
-SPEC 6: a step's ``begin`` record is durable (committed, fsynced) **before**
+docs/reference/journal.md: a step's ``begin`` record is durable (committed, fsynced) **before**
 the step acts, and its ``end`` record is written after it ends, so
 ``deployer recover`` can tell after a crash or ``kill -9`` what may be left
 dangling: an open window, an uncommitted guard, a held lock, a tunnel that

@@ -1,4 +1,4 @@
-"""Render the client script and the small command templates (SPEC 3).
+"""Render the client script and the small command templates (docs/how-to/client-template.md).
 
 Jinja2 runs with ``StrictUndefined`` (a name the context lacks is an error,
 never an empty string), ``keep_trailing_newline`` and no autoescape. Both the
@@ -74,7 +74,8 @@ def _environment(loader: Any = None) -> Any:
 
 
 def host_context(inventory: Inventory, host: HostConfig) -> dict[str, Any]:
-    """The template context of SPEC 3: host settings, ``provider`` and every var."""
+    """The template context: host settings, ``provider`` and every var
+    (docs/how-to/client-template.md)."""
     context: dict[str, Any] = {}
     for item in dataclasses.fields(host):
         context[item.name] = getattr(host, item.name)

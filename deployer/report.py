@@ -1,5 +1,5 @@
 """Render a :class:`~deployer.result.RunResult` for humans (table), machines
-(JSON, SPEC 5) and CI (JUnit XML).
+(JSON, docs/reference/report.md) and CI (JUnit XML).
 
 Reports are built only from result values, which hold no credentials; every
 renderer also takes ``secrets`` (raw values, e.g. ``Inventory.secret_values()``)
@@ -110,7 +110,7 @@ def summary_line(run: RunResult) -> str:
     return text + (" (interrupted)" if run.interrupted else "")
 
 
-# --- JSON (SPEC 5) ------------------------------------------------------------------
+# --- JSON (docs/reference/report.md) ------------------------------------------------
 
 
 def to_json_text(run: RunResult, secrets: Iterable[str] = ()) -> str:
@@ -130,7 +130,8 @@ def _masked(value: Any, secrets: list[str], key: str | None = None) -> Any:
 
 
 def write_json(run: RunResult, target: str | os.PathLike | IO[str], secrets=()) -> None:
-    """Write the SPEC 5 report to a path (atomically) or an open text stream."""
+    """Write the JSON report (docs/reference/report.md) to a path (atomically) or
+    an open text stream."""
     _write_text(to_json_text(run, secrets), target)
 
 

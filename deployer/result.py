@@ -1,6 +1,6 @@
 """Results are values: a :class:`HostResult` per host, a :class:`RunResult` per run.
 
-``RunResult.to_json()`` is the versioned report contract of SPEC 5; it is
+``RunResult.to_json()`` is the versioned report contract of docs/reference/report.md; it is
 pinned by ``tests/unit/test_result_contract.py``. Rendering for humans
 (table, JUnit) lives in ``deployer.report``.
 """

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from deployer.errors import ApiError, ApiTransientError
 
-# Provider codes worth another try (SPEC 1, 1b): not connected, not
+# Provider codes worth another try (docs/reference/api-codes.md): not connected, not
 # disconnected, too many calls; and from get_client_script: forwarding server
 # unreachable, provider internal error. 21, 23, 24, 31, 32 (invalid api key)
 # and 41 (invalid region) are never retried: another try gets the same answer.
@@ -84,7 +84,7 @@ class RetryPolicy:
 # Ordinary calls: 5 tries, waits up to 0.5, 1, 2, 4 s; never more than 30 s.
 DEFAULT_RETRY = RetryPolicy(attempts=5, base=0.5, cap=8.0, deadline=30.0)
 
-# Closing the allow-clientless window (SPEC 4 step 10): it must not give up
+# Closing the allow-clientless window (docs/explanation/stages.md, step 10): it must not give up
 # early, so many tries over at least 90 s, waits capped at 10 s.
 HARD_RETRY = RetryPolicy(attempts=30, base=0.5, cap=10.0, deadline=90.0)
 

@@ -13,7 +13,7 @@ A :class:`Rollout` schedules hosts in waves on one bounded thread pool:
   and ``unsafe`` hosts over the *whole run* (not per wave); once the count
   exceeds it, no new host starts, in-flight hosts finish, the rest are
   ``skipped``. ``None`` means no budget (like Ansible's default);
-* **account-level errors** (SPEC 4) — API code 21 (invalid call: a wrong
+* **account-level errors** (docs/explanation/stages.md) — API code 21 (invalid call: a wrong
   ``api_url`` or a bug) stops the run; code 31 (wrong data) stops the run
   while no host has succeeded yet, because a wrong ``user_id`` fails every
   host with 31 whereas a wrong ``dbid`` fails only its own host; code 32
@@ -81,8 +81,8 @@ log = logging.getLogger(__name__)
 FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
 #: results that let a canary wave pass (and prove the account is right)
 SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANNED})
-#: API codes that stop the whole run whatever else happened (SPEC 1: 21 invalid
-#: call; SPEC 1b: 32 invalid api key, the account's own key)
+#: API codes that stop the whole run whatever else happened (docs/reference/api-codes.md: 21 invalid
+#: call; 32 invalid api key, the account's own key)
 RUN_STOPPING_CODES = frozenset({21, 32})
 #: API codes that stop the run only while no host has succeeded (31: wrong data)
 ACCOUNT_SUSPECT_CODES = frozenset({31})

@@ -1,10 +1,11 @@
-"""Where a host's new client script comes from (SPEC 2 ``source``, SPEC 1b).
+"""Where a host's new client script comes from (``source``:
+docs/how-to/provider-source.md).
 
 Two sources, one result, a :class:`Script` (the exact text, its sha256 — the
 version — and where it came from):
 
 * :class:`TemplateSource` (``source = "template"``, the default) renders the
-  host's Jinja2 template locally (SPEC 3). Its errors are
+  host's Jinja2 template locally (docs/how-to/client-template.md). Its errors are
   :class:`~deployer.errors.TemplateError`: exit 2 before any network call.
 * :class:`ProviderSource` (``source = "provider"``) fetches the script the
   provider generated for the host's ``client_id`` (``get_client_script`` with

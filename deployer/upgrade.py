@@ -91,7 +91,8 @@ def plan_all(request: UpgradeRequest, run_id: str) -> list[HostPlan]:
 
 
 def warn_short_soak(plans: list[HostPlan], offline_detection: float) -> list[str]:
-    """SPEC 4: a soak no longer than the provider's offline detection proves little."""
+    """A soak no longer than the provider's offline detection proves little
+    (docs/explanation/guard.md)."""
     short = [p.name for p in plans if p.stable_for <= offline_detection]
     if short:
         log.warning(

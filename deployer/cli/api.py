@@ -2,7 +2,7 @@
 
 For diagnosis: the provider's reply is printed as JSON with credentials
 masked. Transient failures (network, timeout, HTTP 5xx, a reply that is not
-SPEC JSON) are retried; provider error codes are not (a 22 is shown, not
+provider's JSON reply) are retried; provider error codes are not (a 22 is shown, not
 waited out). Exit 0 if the reply says ``success: true``, else 1.
 """
 

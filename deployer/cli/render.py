@@ -2,7 +2,7 @@
 
 The host's template rendered, or for ``source = "provider"`` the provider's
 current script (fetched with ``get_client_script``, checked like an upgrade
-checks it). On stdout the credentials are masked (SPEC: secrets never reach
+checks it). On stdout the credentials are masked (secrets never reach
 output); ``--output FILE`` writes the exact script (mode 0600) and prints only
 its sha256 and path, like ``sha256sum``: the hash to pin with ``--expect-sha256``.
 """

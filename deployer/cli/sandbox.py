@@ -1,4 +1,4 @@
-"""``deployer sandbox up|down|status|client``: the local simulated fleet (SPEC 7).
+"""``deployer sandbox up|down|status|client``: the local simulated fleet (docs/how-to/sandbox.md).
 
 Only unpacks options, calls :mod:`deployer.sandbox.fleet` and prints.
 """

@@ -1,5 +1,5 @@
 """A sandbox host's client process, handled as its init system would, and a
-schedule of such changes (the flapping fault of SPEC 7's rehearsals).
+schedule of such changes (the flapping fault of the sandbox's rehearsals).
 
 * :func:`start` — the pidfile service convention, as ``sandbox up`` and the
   guard start a client: ``setsid sh -c 'exec python3 client.py'``, its pid in

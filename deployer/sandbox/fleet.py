@@ -1,6 +1,6 @@
 """``deployer sandbox up|down|status`` as a Python API: the SSHReach world of
-SPEC 7 on 127.0.0.1, in the background, described by an inventory in the
-sandbox directory.
+docs/how-to/sandbox.md on 127.0.0.1, in the background, described by an
+inventory in the sandbox directory.
 
 What runs: the runner (:mod:`deployer.sandbox.runner`: the provider
 simulator, the forwarding SSH server, one SSH server per host) and, per host,
@@ -14,7 +14,7 @@ own SSH server.
 Layout of DIR::
 
     deployer.toml            the fleet's inventory (pidfile service, sandbox timings); 0600
-    sandbox.json             ids, ports and paths for outside tools (SPEC 7); 0600
+    sandbox.json             ids, ports and paths for outside tools (docs/how-to/sandbox.md); 0600
     id_ed25519(.pub)         deployer's key (the hosts' SSH servers authorize it)
     ssh_host_ed25519_key     the host key of every host's SSH server
     known_hosts              that key for [127.0.0.1]:IPORT of every host (deployer side)
@@ -82,8 +82,9 @@ MAX_HOSTS = 1000
 PROVIDER_RELEASE = "provider-1"  # the release written into get_client_script's scripts
 # The pidfile service's run command; the guard starts it as `sh -c "exec " + run`.
 RUN_COMMAND = "python3 {{ script_path | quote }}"
-# The service's ready probe (SPEC 4 step 9): the client rewrites SCRIPT.poll after
-# every good poll, so a file newer than the guard's swap mark proves the new client.
+# The service's ready probe (docs/explanation/stages.md, first life): the client
+# rewrites SCRIPT.poll after every good poll, so a file newer than the guard's
+# swap mark proves the new client.
 READY_PROBE = (
     'test -n "$(find {{ script_path | quote }}.poll -newer "$DEPLOYER_SWAP_MARK" 2>/dev/null)"'
 )
@@ -101,7 +102,7 @@ class SandboxProfile:
     offline_after: float
     api_latency: float
     online_timeout: float
-    stable_for: float  # must exceed offline_after (SPEC 4, step 11)
+    stable_for: float  # must exceed offline_after (docs/explanation/stages.md, step 11)
     tunnel_timeout: float
     guard_deadline: float
     api_rate_limit: float = 40.0  # deployer's own limiter, below the simulator's default 50
@@ -127,7 +128,7 @@ PROFILES = {
         online_timeout=60.0,
         stable_for=35.0,
         tunnel_timeout=30.0,
-        guard_deadline=155.0,  # online_timeout + stable_for + 60 (SPEC 4)
+        guard_deadline=155.0,  # online_timeout + stable_for + 60 (docs/explanation/stages.md)
     ),
 }
 TIMINGS = PROFILES["fast"]
@@ -560,7 +561,7 @@ def _table(name: str, values: dict[str, Any]) -> str:
 def inventory_text(
     root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
 ) -> str:
-    """The sandbox's deployer.toml (SPEC 2 format): production's shape, sandbox timings."""
+    """The sandbox's deployer.toml: production's shape, sandbox timings."""
     t = profile
     provider = {
         "api_url": runner["api_url"],
@@ -631,7 +632,7 @@ def inventory_text(
 def sandbox_document(
     root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
 ) -> dict[str, Any]:
-    """DIR/sandbox.json: what an outside tool needs to talk to this world (SPEC 7)."""
+    """DIR/sandbox.json: what an outside tool needs to talk to this world."""
     hosts = {}
     for host in config["hosts"]:
         name = host["name"]

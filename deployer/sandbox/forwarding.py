@@ -1,6 +1,6 @@
 """The sandbox's forwarding SSH server: where each client's tunnel process
 (``ssh -N -R IPORT:localhost:SSHD_PORT USER@127.0.0.1``) logs in, as on the
-provider's forwarding server in production (SPEC 1b, 7).
+provider's forwarding server in production (docs/how-to/sandbox.md).
 
 What must stay true, whichever server runs:
 

@@ -1,7 +1,7 @@
 """The sandbox's background process: ``python -m deployer.sandbox.runner DIR``.
 
 It reads ``DIR/config.json`` (written by ``deployer sandbox up``) and starts
-the world of SPEC 7 that is not the clients: one SSH server per host (what
+the world of docs/how-to/sandbox.md that is not the clients: one SSH server per host (what
 deployer logs in to), the forwarding SSH server (where the clients' tunnel
 processes log in), the provider simulator and the schedule of client stops
 and starts (:class:`deployer.sandbox.clients.Schedule`, the flapping fault).

@@ -1,5 +1,5 @@
-"""A faithful local SSHReach provider: the API of SPEC 1 (and
-``get_client_script``), the client poll endpoint of SPEC 1b, the offline rule,
+"""A faithful local SSHReach provider: the API of docs/reference/api-codes.md (and
+``get_client_script``), the client poll endpoint (docs/how-to/client-template.md), the offline rule,
 fault injection and an independent record of what a run did
 (``GET /sandbox/state``).
 
@@ -22,7 +22,7 @@ Routes (all on 127.0.0.1):
 - ``GET|POST /api/{call}`` — the provider API (``connect``, ``disconnect``,
   ``client_status``, ``set_allow_clientless``, ``get_client_script``);
 - ``GET /poll/get_port4.php`` — the clients' poll (so ``poll_url`` is ``{base}/poll``);
-- ``GET /sandbox/state`` — the state document (SPEC 7);
+- ``GET /sandbox/state`` — the state document (docs/how-to/sandbox.md);
 - ``GET|POST /sandbox/faults`` — read or change faults at run time;
 - ``POST /sandbox/reset-counters`` — zero the counters, drop closed exposures;
 - ``GET|POST /sandbox/clients`` — the runner's schedule of client stops and
@@ -202,7 +202,8 @@ class TokenBucket:
 
 
 def reply(code: int, message: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A SPEC 1 reply; ``extra`` keys come first (as in the allow_clientless reply)."""
+    """A provider reply (docs/reference/api-codes.md); ``extra`` keys come first
+    (as in the allow_clientless reply)."""
     body: dict[str, Any] = dict(extra)
     body["message"] = message if message is not None else MESSAGES[code]
     body["error_code"] = code
@@ -448,7 +449,7 @@ class Simulator:
     # --- the clients' poll --------------------------------------------------------------
 
     def poll(self, params: dict[str, list[str]]) -> HttpReply:
-        """Answer one client poll (SPEC 1b): the command and the tunnel's endpoint."""
+        """Answer one client poll: the command and the tunnel's endpoint."""
         faults = self.faults
         if faults.poll_fail_rate and self._rng.random() < faults.poll_fail_rate:
             return HttpReply(502, "text/html", FAIL_BODY)
