@@ -331,6 +331,29 @@ def test_disconnect_ends_the_tunnel_at_once_without_counting_a_cut(world):
         client.close()
 
 
+def test_a_tunnel_comes_back_after_a_disconnect_that_cut_a_session(world):
+    """The forwarding server ends deployer's session first (disconnect, or a cut):
+    that connection's TIME_WAIT sits on the IPORT. The next connect must bring the
+    tunnel back at once, not after the ~60 s TIME_WAIT."""
+    sb, _first = world
+    name = "sbx-04"
+    sb.connect(name)
+    client = ssh_connect(sb, name)
+    try:
+        assert sb.call(name, "disconnect")["error_code"] == 0
+        assert not session_alive(client)
+    finally:
+        client.close()
+    sb.client.wait_for([name], lambda h: not h["tunnel_pids"], 10.0, "without a tunnel")
+    [pid] = sb.connect(name, timeout=10.0)
+    again = ssh_connect(sb, name)
+    try:
+        assert session_alive(again)
+    finally:
+        again.close()
+        sb.call(name, "disconnect")
+
+
 def test_a_client_stopped_without_the_window_has_its_tunnel_cut(world):
     sb, _first = world
     name = "sbx-05"
