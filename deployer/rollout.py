@@ -407,7 +407,7 @@ class Rollout:
 
     def _tick(self) -> float | None:
         """How long to block at most: None (until a host finishes) without parked hosts."""
-        if self._parking is None or not len(self._parking):
+        if self.wait is None or self._parking is None or not len(self._parking):
             return None
         left = self.wait.left()
         return min(WAKE_TICK, left) if left > 0 else WAKE_TICK
@@ -513,6 +513,13 @@ class Rollout:
 
         return Watcher(self._parking, look, wait.clock, self._wake.set, self._halt)
 
+    def _waiting(self) -> tuple[OfflineWait, Parking]:
+        """The wait and its parking, on the paths that only run with ``--wait-offline``."""
+        # both are set in __init__ or neither is; a host is only looked at, parked or
+        # ended waiting when there is a wait, so None here is a bug
+        assert self.wait is not None and self._parking is not None
+        return self.wait, self._parking
+
     def _look_first(self, index: int, control: HostControl) -> bool:
         """The look before an upgrade (in a worker): False if the client is offline.
 
@@ -520,7 +527,7 @@ class Rollout:
         looked at again. A look that raises tells nothing: the workflow's own
         preflight asks again and reports the error.
         """
-        host, wait = self.hosts[index], self.wait
+        host, (wait, _) = self.hosts[index], self._waiting()
         if not control.seen_online:
             try:
                 online = bool(wait.look(host))
@@ -551,26 +558,30 @@ class Rollout:
 
     def _park(self, index: int) -> None:
         """Park a host whose client was offline, or end it if the wait is over."""
-        name, wait = self.hosts[index].name, self.wait
-        entry = self._parking.park(index, name, wait.clock.now())
+        name, (wait, parking) = self.hosts[index].name, self._waiting()
+        entry = parking.park(index, name, wait.clock.now())
         entry.looks += 1  # the look that found it offline
         if self._stop_reason or wait.left() <= 0:
-            self._end_waiting(self._parking.take(index))
+            self._end_waiting(parking.take(index))
             return
         if index not in self._wait_open:
             self._wait_open.add(index)
+            assert wait.wall_deadline is not None  # OfflineWait.__post_init__ sets it
             facts = {"waiting": True, "wait_deadline": round(wait.wall_deadline, 3)}
             self._emit("step_started", name, WAIT_STEP, facts)
         self._wake.set()
 
     def _leave_parking(self, index: int) -> None:
         """A parked host is back and about to be upgraded: its wait step ends."""
-        entry = self._parking.record_of(index)
+        wait, parking = self._waiting()
+        entry = parking.record_of(index)
+        # only hosts in _wait_open get here, and they were parked in this run
+        assert entry is not None
         self._wait_open.discard(index)
-        now = self.wait.clock.now()
+        now = wait.clock.now()
         waited = now - entry.since
         self._waited[index] = waited
-        facts = {"waiting": False, "looks": entry.looks}
+        facts: dict[str, object] = {"waiting": False, "looks": entry.looks}
         if entry.trusted_at is not None:  # trusted, then it waited this long for a slot
             facts["queued_seconds"] = round(now - entry.trusted_at, 3)
         self._emit("step_finished", entry.name, WAIT_STEP, "ok", waited, facts)
@@ -585,7 +596,9 @@ class Rollout:
 
     def _expire_at_deadline(self) -> None:
         """At the deadline, every host still waiting ends ``offline``."""
-        if self._parking is None or self.wait.left() > 0 or self._stop_reason:
+        if self.wait is None or self._parking is None:
+            return
+        if self.wait.left() > 0 or self._stop_reason:
             return
         for entry in self._parking.take_waiting():
             self._end_waiting(entry)
@@ -597,7 +610,7 @@ class Rollout:
                 self._end_waiting(entry)
 
     def _end_waiting(self, entry: ParkedHost) -> None:
-        wait = self.wait
+        wait, _ = self._waiting()
         waited = max(wait.clock.now() - entry.since, 0.0)
         if self._stop_reason:
             result = HostResult(
