@@ -15,13 +15,17 @@ import datetime as dt
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from deployer.clock import Clock
 from deployer.events import EventSink
 from deployer.parking import WAIT_STEP
 from deployer.result import HostResult, Outcome
 from deployer.secrets import scrub
+
+if TYPE_CHECKING:  # rich is imported when the display starts, not at import
+    from rich.console import Group, RenderableType
+    from rich.live import Live
 
 FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
 STARTING_STAGE = "starting"
@@ -302,12 +306,12 @@ class LiveProgress(EventSink):
         self.secrets = [s for s in secrets if s]
         self._lock = threading.Lock()  # guards state only
         self._start_lock = threading.Lock()
-        self._live = None
+        self._live: Live | None = None
         self._closed = False
 
     # --- the display ---------------------------------------------------------
 
-    def render(self):
+    def render(self) -> Group:
         """The renderable shown by the live display (read under the lock)."""
         from rich.console import Group
         from rich.progress_bar import ProgressBar
@@ -320,7 +324,7 @@ class LiveProgress(EventSink):
             bar = ProgressBar(total=max(state.total, 1), completed=state.done, width=BAR_WIDTH)
             style = "bold red" if state.failures else "bold"
             grid.add_row(bar, Text(state.status_line(), style=style))
-            lines = [grid]
+            lines: list[RenderableType] = [grid]
             if state.stages_line():
                 lines.append(Text(state.stages_line(), style="dim"))
             if state.waiting_line():
@@ -356,7 +360,8 @@ class LiveProgress(EventSink):
     def _print(self, text: str, style: str | None = None) -> None:
         from rich.text import Text
 
-        self.console.print(Text(scrub(text, self.secrets), style=style))
+        # "" is rich's own "no style" default
+        self.console.print(Text(scrub(text, self.secrets), style=style or ""))
 
     # --- events ----------------------------------------------------------------
 
