@@ -57,7 +57,7 @@ from deployer.errors import (
 )
 from deployer.events import EventSink
 from deployer.model import HostConfig, ProviderConfig
-from deployer.ratelimit import RateLimiter
+from deployer.ratelimit import Limiter, RateLimiter
 from deployer.retry import DEFAULT_RETRY, RetryPolicy
 from deployer.secrets import scrub, secret_forms
 
@@ -161,7 +161,7 @@ class ProviderAPI:
         provider: ProviderConfig,
         *,
         retry: RetryPolicy = DEFAULT_RETRY,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         clock: Clock | None = None,
         pool_size: int = 16,
         events: EventSink | None = None,
@@ -170,7 +170,7 @@ class ProviderAPI:
         self.provider = provider
         self.retry = retry
         self._clock = clock or Clock()
-        self.limiter = limiter or RateLimiter(provider.rate_limit, self._clock)
+        self.limiter: Limiter = limiter or RateLimiter(provider.rate_limit, self._clock)
         self._events = events or EventSink()
         self._rng = rng or random.Random()
         self._lock = threading.Lock()

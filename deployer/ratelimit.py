@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 from deployer.clock import Clock
 
@@ -52,6 +53,19 @@ class BackgroundShare:
 
 
 DEFAULT_BACKGROUND = BackgroundShare()
+
+
+class Limiter(Protocol):
+    """What :class:`~deployer.api.ProviderAPI` needs from a limiter: both
+    :class:`RateLimiter` and its :class:`BackgroundLimiter` view are one."""
+
+    def acquire(
+        self, cancel: threading.Event | None = None, max_wait: float | None = None
+    ) -> bool: ...
+
+    def slow_down(self) -> None: ...
+
+    def record_success(self) -> None: ...
 
 
 class RateLimiter:
