@@ -47,7 +47,10 @@ class EventSink:
 
 
 class Fanout(EventSink):
-    def __init__(self, *sinks: EventSink):
+    """One event to every sink given; a None sink (one that is not there, such
+    as the journal of a dry run) is left out."""
+
+    def __init__(self, *sinks: EventSink | None):
         self.sinks = [s for s in sinks if s is not None]
 
     def run_started(self, run_id, hosts):
