@@ -51,6 +51,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,14 @@ HOST_FACTS = (
     "committed",
 )
 
+#: makes the progress sink once the number of hosts to recover is known
+ProgressFactory = Callable[[int], EventSink]
+
 
 def run_recover(
     inventory: Inventory,
     state_dir: Path,
-    progress: EventSink | None = None,
+    progress: ProgressFactory | None = None,
     *,
     force: bool = False,
     remote_factory=None,

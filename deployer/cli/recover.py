@@ -176,6 +176,7 @@ def recover(obj: Any, as_json: bool, force: bool) -> None:
 
     from deployer import report as reporting
     from deployer.errors import EXIT_FAILED, EXIT_OK, EXIT_UNSAFE
+    from deployer.events import EventSink
     from deployer.progress import make_progress
     from deployer.recover import run_recover
     from deployer.result import Outcome
@@ -185,7 +186,7 @@ def recover(obj: Any, as_json: bool, force: bool) -> None:
     state_dir = obj.state_dir(inventory.path)
     secrets = inventory.secret_values()
 
-    def progress(total: int):
+    def progress(total: int) -> EventSink:
         return make_progress(sys.stderr, total, quiet=obj.quiet, secrets=secrets)
 
     run = run_recover(inventory, state_dir, progress, force=force)
