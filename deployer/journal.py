@@ -694,7 +694,8 @@ class Journal:
 
     def runs(self, host: str | None = None, limit: int = 20) -> list[RunRecord]:
         """Past runs, newest first; with ``host``, only the runs that touched it."""
-        where, params = "", ()
+        where = ""
+        params: tuple[str, ...] = ()
         if host is not None:
             where = "WHERE EXISTS (SELECT 1 FROM hosts h WHERE h.run_id = r.run_id AND h.host = ?)"
             params = (host,)
@@ -738,6 +739,7 @@ class Journal:
         )
         out: list[dict[str, Any]] = []
         open_by_step: dict[str, dict[str, Any]] = {}
+        entry: dict[str, Any] | None
         for row in rows:
             if row["phase"] == "begin":
                 entry = {
