@@ -244,7 +244,7 @@ def write_junit(
 
 
 def _write_text(text: str, target: str | os.PathLike | IO[str]) -> None:
-    if hasattr(target, "write"):
+    if not isinstance(target, (str, os.PathLike)):  # an open text stream
         target.write(text)
         target.flush()
         return
