@@ -36,7 +36,7 @@ import json
 import logging
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote, quote_plus
 
 
@@ -99,8 +99,14 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
         if len(raw) >= WHOLE_TOKEN_BELOW:
             text = text.replace(raw, mask(raw))
         else:
-            text = _whole_token(raw).sub(lambda _m, r=raw: mask(r), text)
+            text = _whole_token(raw).sub(_literal(mask(raw)), text)
     return text
+
+
+def _literal(value: str) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement that puts ``value`` in as it is (a string
+    replacement would read its backslashes as escapes)."""
+    return lambda _match: value
 
 
 def _whole_token(form: str) -> re.Pattern[str]:
