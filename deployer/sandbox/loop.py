@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ class LoopThread:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
 
-    def start(self, setup: Callable[[], Awaitable[T]], timeout: float = START_TIMEOUT) -> T:
+    def start(
+        self, setup: Callable[[], Coroutine[Any, Any, T]], timeout: float = START_TIMEOUT
+    ) -> T:
         """Start the thread, run ``setup()`` on its loop and return its result
         (or raise its error, and leave no thread behind)."""
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -48,16 +50,18 @@ class LoopThread:
         finally:
             self.loop.close()
 
-    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop from another thread; wait up to ``timeout``."""
         assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout)
 
     def running(self) -> bool:
         return self.loop is not None and self.loop.is_running()
 
-    def stop(self, shutdown: Callable[[], Awaitable[Any]] | None = None, timeout=5.0) -> None:
+    def stop(
+        self, shutdown: Callable[[], Coroutine[Any, Any, Any]] | None = None, timeout=5.0
+    ) -> None:
         """Run ``shutdown()`` (best effort), then stop the loop and join the thread."""
         loop = self.loop
         if loop is None or not loop.is_running():
