@@ -10,8 +10,13 @@ import json
 
 import click
 
-COLUMNS = (("HOST", "host"), ("GROUPS", "groups"), ("ENDPOINT", "endpoint"))
-COLUMNS += (("SSH USER", "ssh_user"), ("SERVICE", "service"))
+COLUMNS = (
+    ("HOST", "host"),
+    ("GROUPS", "groups"),
+    ("ENDPOINT", "endpoint"),
+    ("SSH USER", "ssh_user"),
+    ("SERVICE", "service"),
+)
 
 
 @click.command(help="List hosts (all, or those TARGETS name) with groups and tunnel endpoint.")

@@ -80,7 +80,7 @@ def tcp_sockets(tables: Iterable[str] = TCP_TABLES) -> list[TcpSocket]:
 
 def socket_inodes(pid: int) -> set[int]:
     """The socket inodes among the open files of ``pid`` (empty if it is gone)."""
-    inodes = set()
+    inodes: set[int] = set()
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
