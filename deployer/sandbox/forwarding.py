@@ -227,8 +227,8 @@ class EmbeddedForwardingServer:
 
     def tunnels(self) -> dict[int, Tunnel]:
         with self._lock:
-            forwarded = [(p, s, s.listeners.get(p)) for p, s in self._by_port.items()]
-        forwarded = [(p, s, lst) for p, s, lst in forwarded if lst is not None]
+            found = [(p, s, s.listeners.get(p)) for p, s in self._by_port.items()]
+        forwarded = [(p, s, lst) for p, s, lst in found if lst is not None]
         self._find_pids([s for _p, s, _lst in forwarded if s.pids is None])
         return {p: Tunnel(p, lst.active, s.pids or ()) for p, s, lst in forwarded}
 
@@ -540,9 +540,9 @@ class OpenSshForwardingServer:
                         end = procnet.client_side(sockets, sock.remote_port, self.port)
                         if end is not None:
                             client_ends[end.inode] = inode
-        for end, pids in procnet.socket_owners(client_ends).items():
+        for client_inode, pids in procnet.socket_owners(client_ends).items():
             if pids:
-                self._pids[client_ends[end]] = tuple(sorted(pids))
+                self._pids[client_ends[client_inode]] = tuple(sorted(pids))
 
     def cut(self, iport: int) -> bool:
         sockets = procnet.tcp_sockets()
