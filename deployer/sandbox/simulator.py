@@ -351,8 +351,8 @@ class Simulator:
             return self._hosts[name] if name else None
         if call not in HOST_CALLS:
             return None
-        values = [_single(params, key) for key in ID_PARAMS]
-        if None in values or values[0] != self.user_id:
+        values = _singles(params, ID_PARAMS)
+        if values is None or values[0] != self.user_id:
             return None
         name = self._by_ids.get((values[1], values[2], values[3]))
         return self._hosts[name] if name else None
@@ -469,8 +469,8 @@ class Simulator:
 
     def _poll_record(self, params: dict[str, list[str]]) -> tuple[HostRecord | None, str]:
         """The polling host, or None and why: every parameter is checked."""
-        values = [_single(params, key) for key in (*POLL_IDS, "ver", "upgradable")]
-        if None in values or values[0] != self.user_id:
+        values = _singles(params, (*POLL_IDS, "ver", "upgradable"))
+        if values is None or values[0] != self.user_id:
             return None, MESSAGES[31]
         name = self._by_ids.get((values[1], values[2], values[3]))
         if name is None:
@@ -599,6 +599,17 @@ def _single(params: dict[str, list[str]], key: str) -> str | None:
     if not values or len(values) != 1:
         return None
     return values[0]
+
+
+def _singles(params: dict[str, list[str]], keys: tuple[str, ...]) -> list[str] | None:
+    """The single value of each of ``keys``, or None if any is missing or repeated."""
+    found = []
+    for key in keys:
+        value = _single(params, key)
+        if value is None:
+            return None
+        found.append(value)
+    return found
 
 
 # --- HTTP ------------------------------------------------------------------------------------
