@@ -369,7 +369,7 @@ def _start(root: Path, options: _Options, wait_timeout: float | None) -> Sandbox
     for name in TEMPLATES:
         (root / "templates" / name).write_bytes(_template_source(name))
     user, home = _user_home()
-    config = {
+    config: dict[str, Any] = {
         "user_id": "sbx" + secrets.token_hex(6),
         "api_key": secrets.token_hex(16),
         "hosts": _new_hosts(options.hosts),
@@ -831,7 +831,7 @@ def _stop_tunnels(root: Path, report: DownReport) -> None:
 
 def _stop_runner(root: Path, runner: dict[str, Any], report: DownReport) -> None:
     pid = runner.get("pid")
-    if _runner_alive(pid):
+    if pid is not None and _runner_alive(pid):
         processes.terminate([pid], STOP_TIMEOUT)
         report.stopped.append(f"runner pid {pid}")
     for pidfile in sorted((root / SSHD_DIR).glob("*.pid")):  # sshds of a killed runner

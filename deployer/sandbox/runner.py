@@ -101,6 +101,7 @@ class World:
 
         self.schedule = Schedule(self.root, self.names)
         self.schedule.start()
+        assert self.simulator is not None  # made just before, in start()
         self.simulator.clients = self.schedule
 
     def _start_host_sshds(self) -> None:
@@ -128,9 +129,9 @@ class World:
                 pidfile=self.root / SSHD_DIR / f"{name}.pid",
             )
             log_path = self.root / "logs" / SSHD_DIR / f"{name}.log"
-            server = openssh.OpenSshServer(conf, port, log_path)
-            server.launch()
-            self.host_sshds.append(server)
+            sshd = openssh.OpenSshServer(conf, port, log_path)
+            sshd.launch()
+            self.host_sshds.append(sshd)
             self.sshd_ports[name] = port
         for server in self.host_sshds:
             server.wait_listening()
