@@ -113,7 +113,7 @@ class UrlQueryFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a malformed record: drop its arguments, keep the format
+        except Exception:  # noqa: BLE001 - a malformed record: drop its arguments, keep the format
             message = str(record.msg)
         record.msg, record.args = hide_query(message), None
         return True

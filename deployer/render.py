@@ -123,7 +123,7 @@ def render_script(inventory: Inventory, host: HostConfig, template: Path | None 
     context = host_context(inventory, host)
     try:
         text = env.get_template(path.name).render(context)
-    except Exception as exc:  # any failure inside the template is a template error
+    except Exception as exc:  # noqa: BLE001 - any failure inside the template is a template error
         raise _template_error(exc, path, inventory) from None
     try:
         data = text.encode("utf-8")
@@ -183,7 +183,7 @@ def render_command(template_str: str, context: dict[str, Any], what: str) -> str
         return env.from_string(template_str).render(context)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{what}: syntax error in command template: {exc.message}") from None
-    except Exception as exc:  # any failure inside the template is a template error
+    except Exception as exc:  # noqa: BLE001 - any failure inside the template is a template error
         problem, _ = _describe_failure(exc)
         message = (
             f"{what}: {problem} in command template; use only host settings, vars and "

@@ -446,7 +446,7 @@ class Rollout:
             return None, False
         try:
             result = self.run_host(host, control)
-        except Exception as exc:  # the workflow catches everything; this is a bug
+        except Exception as exc:  # noqa: BLE001 - the workflow catches everything; this is a bug
             return self._unexpected(host, exc), True
         if not isinstance(result, HostResult):
             log.error("%s: the host workflow returned %r, not a result", host.name, type(result))
@@ -471,7 +471,7 @@ class Rollout:
     def _finish(self, index: int, future: _HostFuture) -> None:
         try:
             result, made_up = future.result()
-        except BaseException as exc:  # _call_run_host returns; only a cancelled future lands here
+        except BaseException as exc:  # noqa: BLE001 - _call_run_host returns; a cancel lands here
             error = ErrorInfo.from_exception(exc, None)
             result, made_up = HostResult(self.hosts[index].name, Outcome.UNSAFE, error=error), True
         with self._lock:
@@ -671,7 +671,7 @@ class Rollout:
         """Tell the event sink; a broken display must not break the rollout."""
         try:
             getattr(self.events, hook)(*args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken display must not break the rollout
             log.exception("event sink %s failed", hook)
 
 
