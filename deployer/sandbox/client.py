@@ -109,7 +109,7 @@ class SandboxClient:
         self,
         names: Iterable[str],
         open: bool = True,
-        timeout: float = 20.0,  # noqa: A002
+        timeout: float = 20.0,
     ) -> dict[str, Any]:
         """Wait until each host's tunnel is open (a session forwards its IPORT and its
         tunnel process is known) or, with ``open=False``, closed with no tunnel pid."""

@@ -219,7 +219,7 @@ class _Options:
 
 
 def up(
-    dir: str | Path = DEFAULT_DIR,  # noqa: A002 - the CLI's --dir
+    dir: str | Path = DEFAULT_DIR,  # the CLI's --dir
     hosts: int = 3,
     sshd: str = "embedded",
     profile: str = "fast",
@@ -686,7 +686,7 @@ def _running_info(root: Path) -> SandboxInfo | None:
     return _info(root, config, runner, profile)
 
 
-def info(dir: str | Path = DEFAULT_DIR) -> SandboxInfo:  # noqa: A002
+def info(dir: str | Path = DEFAULT_DIR) -> SandboxInfo:
     """The running sandbox in ``dir``; SandboxNotRunning if none."""
     root = Path(dir).expanduser().resolve()
     running = _running_info(root)
@@ -697,7 +697,7 @@ def info(dir: str | Path = DEFAULT_DIR) -> SandboxInfo:  # noqa: A002
     return running
 
 
-def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:  # noqa: A002
+def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:
     """The ``/sandbox/state`` document of the sandbox in ``dir``."""
     running = info(dir)
     try:
@@ -714,7 +714,7 @@ def status(dir: str | Path = DEFAULT_DIR) -> dict[str, Any]:  # noqa: A002
 
 
 def stop_client(
-    dir: str | Path,  # noqa: A002
+    dir: str | Path,
     name: str,
     with_tunnel: bool = False,
     after: float = 0.0,
@@ -725,13 +725,13 @@ def stop_client(
     return _change_client(dir, name, "stop", with_tunnel, after)
 
 
-def start_client(dir: str | Path, name: str, after: float = 0.0) -> ClientChange | None:  # noqa: A002
+def start_client(dir: str | Path, name: str, after: float = 0.0) -> ClientChange | None:
     """Start ``name``'s client with the pidfile convention, as ``up`` does."""
     return _change_client(dir, name, "start", False, after)
 
 
 def flap_client(
-    dir: str | Path,  # noqa: A002
+    dir: str | Path,
     name: str,
     down: float,
     up: float,
@@ -752,7 +752,7 @@ def flap_client(
 
 
 def _change_client(
-    dir: str | Path,  # noqa: A002
+    dir: str | Path,
     name: str,
     action: str,
     with_tunnel: bool,
@@ -775,7 +775,7 @@ def _check_host(running: SandboxInfo, name: str) -> None:
         raise SandboxInputError(f"no host {name!r} in the sandbox in {running.dir} ({shown})")
 
 
-def down(dir: str | Path = DEFAULT_DIR) -> DownReport:  # noqa: A002
+def down(dir: str | Path = DEFAULT_DIR) -> DownReport:
     """Stop every process of the sandbox in ``dir`` — clients, their tunnel
     processes, guards, the runner and its SSH servers, sessions left on them —
     and check that no process or port is left."""

@@ -630,10 +630,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "sshreach-sandbox"
     server: _HttpServer
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
@@ -705,7 +705,7 @@ class _Handler(BaseHTTPRequestHandler):
         # The query string holds credentials: log the path only, at debug level.
         log.debug("%s %s -> %s", self.command, urlsplit(self.path).path, code)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
 

@@ -253,9 +253,9 @@ def key_only_server_class() -> type:
     return _server_classes()[0]
 
 
-def _KeyOnlyServer(user: str, keys: Any) -> Any:  # noqa: N802 - a class factory
+def _KeyOnlyServer(user: str, keys: Any) -> Any:  # a class factory
     return _server_classes()[0](user, keys)
 
 
-def _HomeSftpServer(chan: Any, home: str) -> Any:  # noqa: N802 - a class factory
+def _HomeSftpServer(chan: Any, home: str) -> Any:  # a class factory
     return _server_classes()[1](chan, home)
