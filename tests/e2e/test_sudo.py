@@ -100,6 +100,12 @@ def test_a_sudo_host_is_upgraded_and_rolled_back_as_a_non_root_user(sandbox_fact
     assert code == 0 and report["result"] == "upgraded", (report["error"], report["steps"])
     assert _sha(script) == report["new_sha256"] != old_sha
     assert script.stat().st_uid == 0  # the staged file took the installed script's owner
+    # the script holds credentials: owner-only (the inventory's 0700), and so are
+    # its backups and their folder, written through sudo as root
+    base = script.parent / ".client.py.deployer"
+    assert script.stat().st_mode & 0o777 == 0o700
+    assert all(b.stat().st_mode & 0o077 == 0 for b in (base / "backups").iterdir())
+    assert (base / "backups").stat().st_mode & 0o777 == 0o700
     hosts = sb.client.wait_for(
         [host], lambda h: h["script_sha256"] == report["new_sha256"], 15, "running the new script"
     )
