@@ -23,7 +23,8 @@ What it does, writing one JSON line per step to ``run_dir/status``:
    - ``run_dir/commit`` appears -> ``committed``, exit: the new script stays;
    - ``run_dir/revert`` appears, the new client's process dies, deployer
      stops touching ``run_dir/alive`` for ``silence_limit`` seconds (counted
-     from ``go`` at the latest), or the deadline passes (``deadline`` from
+     from ``go`` at the latest; the link's follower touches it for each line
+     deployer writes on its channel, see ``link_follow``), or the deadline passes (``deadline`` from
      go; once ``run_dir/firstlife`` appears it tightens to ``soak_deadline``
      from then) -> revert: stop the new client, restore the backup, touch
      ``restore-mark``, start the old client, keep the window open until it
@@ -42,12 +43,20 @@ a host without a client. ``--revert`` runs only the undo (``deployer`` uses
 it when the guard of a run died before it finished, e.g. the host rebooted).
 The guard deletes its own file (it holds API credentials) as soon as it has
 read it.
+
+The same file is also deployer's program on the host for the link (see
+``link_main``): run without CONFIG as ``python3 -c``, it takes the lock and
+inspects, stages and starts the guard, follows the guard's status over the
+same channel, and cleans up, one SSH round trip per task.
 """
 
+import hashlib
 import json
 import os
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -522,6 +531,266 @@ def fsync_file(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- deployer's link: one SSH channel per task ------------------------------------------
+#
+# deployer (deployer.guardlink) runs ``python3 -c BOOT N OP RUN_DIR`` over one SSH
+# channel and writes to its stdin this file's source (N bytes, no CONFIG), one
+# JSON line of OP's arguments, then OP's data; OP answers in JSON lines on
+# stdout. So each task is one round trip, and nothing forks on the host but
+# what the task must run (``validate``, the guard itself).
+#
+#   inspect  take the host lock and read the installed script's sha256 and mode
+#   stage    write the staged script and the guard (their bytes follow the
+#            arguments), set modes, check both sha256, run ``validate``, start
+#            the guard armed, then follow it (below) on the same channel
+#   follow   write each new line of the guard's status to stdout as it appears;
+#            each line deployer writes is its sign of life (touch ``alive``),
+#            the words go/firstlife/commit/revert become control files, and
+#            ``sync`` is answered with ``{"synced": true}`` once every line
+#            written so far was sent (``{"reset": true}``: the file was cut).
+#            It ends when deployer's end closes (EOF) or the run dir is gone.
+#   cleanup  prune backups (owner-only), remove the run dir, release the lock
+
+FOLLOW_POLL = 0.05  # seconds between looks at the status file while following
+LINK_WORDS = ("go", "firstlife", "commit", "revert")  # deployer.guardlink.CONTROLS
+
+
+class LinkInput:
+    """Deployer's end of the channel, read unbuffered (so ``select`` tells the truth)."""
+
+    def __init__(self, fd=0):
+        self.fd, self.buf = fd, b""
+
+    def fill(self, timeout=None):
+        """One read (after at most ``timeout`` s of waiting); False at EOF."""
+        if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
+            return True
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def line(self):
+        while b"\n" not in self.buf:
+            if not self.fill():
+                raise EOFError("deployer's end closed")
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def exactly(self, size):
+        while len(self.buf) < size:
+            if not self.fill():
+                raise EOFError("deployer's end closed")
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+
+def answer(**data):
+    write_all(1, (json.dumps(data, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def touch(path):
+    try:
+        with open(path, "a"):
+            os.utime(path, None)
+    except OSError:
+        pass
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(65536), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def link_inspect(args):
+    lock = args.get("lock")
+    taken = None
+    if lock:
+        if args.get("break_lock"):
+            shutil.rmtree(lock, ignore_errors=True)
+        try:
+            if not os.path.isdir(args["base"]):
+                os.makedirs(args["base"])
+            os.mkdir(lock)
+        except FileExistsError:
+            answer(lock="held", owner=read_json(os.path.join(lock, "owner")))
+            return 0
+        except OSError as exc:
+            answer(lock="error", error=str(exc))
+            return 0
+        with open(os.path.join(lock, "owner"), "w") as fh:
+            fh.write(args["owner"])
+        taken = "taken"
+    script, sha, mode = args["script"], None, None
+    if os.path.isfile(script):
+        sha = sha256_file(script)
+        mode = "%04o" % (os.stat(script).st_mode & 0o7777)
+    answer(lock=taken, sha256=sha, mode=mode)
+    return 0
+
+
+def link_stage(args, inp):
+    os.umask(0o077)
+    for folder in (args["backups"], args["run_dir"]):
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+    script, guard = inp.exactly(args["sizes"][0]), inp.exactly(args["sizes"][1])
+    for path, data, mode in (
+        (args["staged"], script, int(args["mode"], 8)),
+        (args["guard"], guard, 0o700),
+    ):
+        with open(path, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, mode)
+    owner_of = args.get("owner_of")  # sudo: the installed script's owner, as it was
+    if owner_of and os.path.exists(owner_of):
+        st = os.stat(owner_of)
+        os.chown(args["staged"], st.st_uid, st.st_gid)
+    got = [sha256_file(args["staged"]), sha256_file(args["guard"])]
+    if got != args["sha256"]:
+        answer(error="sha256", sha256=got)
+        return 1
+    if args.get("validate"):
+        proc = subprocess.run(
+            ["/bin/sh", "-c", args["validate"]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if proc.returncode != 0:
+            out = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
+            answer(error="validate", exit=proc.returncode, output=out[-300:])
+            return 1
+    answer(staged=True)
+    proc = subprocess.run(
+        [sys.executable, "guard.py", "--detach"],
+        cwd=args["run_dir"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=30,
+    )
+    out = proc.stdout.decode("utf-8", "replace").strip()
+    try:
+        pid = int(out.splitlines()[-1])  # --detach prints the guard's pid
+    except (ValueError, IndexError):
+        answer(error="guard", output=out[-300:])
+        return 1
+    answer(armed=pid)
+    return link_follow(args["run_dir"], inp)
+
+
+def link_follow(run_dir, inp):
+    status, alive = os.path.join(run_dir, "status"), os.path.join(run_dir, "alive")
+    seen = [0, b""]  # how far the status file was sent, and its incomplete last line
+
+    def send_new():
+        try:
+            with open(status, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < seen[0]:
+                    seen[:] = [0, b""]  # the file was replaced or cut: from the start
+                    write_all(1, b'{"reset": true}\n')
+                fh.seek(seen[0])
+                data = fh.read()
+        except OSError:
+            if seen[0]:  # it is gone: what deployer saw of it is no longer there
+                seen[:] = [0, b""]
+                write_all(1, b'{"reset": true}\n')
+            return
+        if data:
+            seen[0] += len(data)
+            done, _, seen[1] = (seen[1] + data).rpartition(b"\n")
+            if done:
+                write_all(1, done + b"\n")
+
+    try:
+        while True:
+            send_new()
+            if not inp.fill(FOLLOW_POLL):
+                return 0  # deployer closed its end (or vanished: sshd closed it)
+            synced = False
+            while b"\n" in inp.buf:
+                word = inp.line().decode("utf-8", "replace").strip()
+                touch(alive)
+                if word in LINK_WORDS:
+                    touch(os.path.join(run_dir, word))
+                synced = synced or word == "sync"
+            if synced:  # deployer wants the status as it is now
+                send_new()
+                write_all(1, b'{"synced": true}\n')
+            if not os.path.isdir(run_dir):
+                return 0
+    except OSError:
+        return 0  # deployer's end is gone
+
+
+def link_cleanup(args):
+    pruned = []
+    backups = args["backups"]
+    if args.get("keep") is not None and os.path.isdir(backups):
+        names = sorted(
+            n
+            for n in os.listdir(backups)
+            if n.startswith(args["prefix"]) and not n.endswith(".tmp")
+        )
+        for name in names[: max(0, len(names) - args["keep"])]:
+            os.unlink(os.path.join(backups, name))
+            pruned.append(os.path.join(backups, name))
+        for top, _dirs, files in os.walk(backups):  # chmod -R go-rwx: they hold credentials
+            for path in [top] + [os.path.join(top, n) for n in files]:
+                mode = os.lstat(path).st_mode
+                if not stat.S_ISLNK(mode):
+                    os.chmod(path, mode & 0o7700)
+    if args.get("run_dir"):
+        shutil.rmtree(args["run_dir"], ignore_errors=True)
+    lock = args.get("lock")
+    if lock:
+        owner = read_json(os.path.join(lock, "owner"))
+        if not (isinstance(owner, dict) and owner.get("run_id") not in (None, args["run_id"])):
+            shutil.rmtree(lock, ignore_errors=True)
+    answer(pruned=pruned)
+    return 0
+
+
+def link_main(argv):
+    op = argv[0] if argv else ""
+    inp = LinkInput(0)
+    args = json.loads(inp.line().decode("utf-8"))
+    try:
+        if op == "inspect":
+            return link_inspect(args)
+        if op == "stage":
+            return link_stage(args, inp)
+        if op == "follow":
+            return link_follow(args["run_dir"], inp)
+        if op == "cleanup":
+            return link_cleanup(args)
+    except EOFError:
+        return 0
+    except OSError as exc:
+        answer(error="os", output=str(exc))
+        return 1
+    answer(error="unknown link op %r" % op)
+    return 64
 
 
 # -- start-up ---------------------------------------------------------------------------

@@ -22,14 +22,16 @@ the workflow, through ``regain``, whether a lost session may be reached again.
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from deployer.clock import Clock
-from deployer.errors import GuardError, SshSessionLost
-from deployer.hostfiles import HostPaths
-from deployer.remote import CommandResult, Remote, sh
+from deployer.errors import GuardError, RemoteCommandError, SshSessionLost, VerifyError
+from deployer.hostfiles import HostPaths, LockInfo
+from deployer.remote import Channel, Remote, sh, sha256_hex
 
 if TYPE_CHECKING:
     import threading
@@ -140,17 +142,28 @@ def render_guard(config: dict[str, Any]) -> bytes:
     return source.replace(CONFIG_MARKER, f"CONFIG = json.loads({literal})", 1).encode("utf-8")
 
 
-# -- on the host --------------------------------------------------------------------------
+# -- the link: one SSH channel per task -----------------------------------------------------
 
-
-def read_status(remote: Remote, paths: HostPaths) -> list[dict]:
-    """The guard's status lines so far (an incomplete last line is ignored).
-
-    Each read also touches ``alive``: the guard reverts early when deployer
-    stops reading (it vanished), instead of waiting for its deadline."""
-    alive = sh(paths.control(ALIVE))
-    res = remote.run(f"touch {alive} 2>/dev/null; cat {sh(paths.status)} 2>/dev/null || true")
-    return parse_status(res.stdout)
+# The command line of every link task: read guard.py's source (its size is
+# argv[1]) from stdin, run it as a module (not as the guard: no CONFIG, no
+# main) and hand the task (argv[2:]) to its ``link_main``.
+LINK_BOOT = (
+    "import os,sys\n"
+    "n=int(sys.argv[1]);b=b''\n"
+    "while len(b)<n:\n"
+    " c=os.read(0,n-len(b))\n"
+    " if not c:sys.exit(70)\n"
+    " b+=c\n"
+    "g={'__name__':'guardlink'}\n"
+    "exec(compile(b,'guard.py','exec'),g)\n"
+    "sys.exit(g['link_main'](sys.argv[2:]))\n"
+)
+ANSWER_WAIT = 60.0  # seconds for a link task's answer (lock, inspect, cleanup)
+STAGE_WAIT = 120.0  # seconds for the staged files to be written, checked and validated
+ARM_WAIT = 30.0  # seconds for the guard to start armed
+BEAT = 1.0  # seconds between deployer's signs of life on the guard's stream
+LOOK = 0.25  # longest blocking read of the stream (deadlines and aborts are checked between)
+RESEND = (GO, FIRSTLIFE)  # the swap's words, written again on a stream regained during it
 
 
 def parse_status(text: str) -> list[dict]:
@@ -176,13 +189,29 @@ def alive_check(pid: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Inspection:
+    """What the ``inspect`` task found: the lock (taken, held, or not asked for)
+    and the installed script."""
+
+    lock: str | None  # "taken" | "held" | "error" | None (not asked for)
+    held_by: LockInfo | None = None
+    error: str = ""
+    sha256: str | None = None
+    mode: str | None = None
+
+
 class GuardLink:
-    """Deployer's link to one run's guard on one host.
+    """Deployer's link to one run's guard on one host, over as few SSH round trips
+    as the stages allow: one channel for lock + inspect, one that stages the
+    files, starts the guard armed and then stays open as the guard's **stream**
+    (its status lines come as they are written; deployer's words go back on
+    it), one for cleanup.
 
     ``remote`` returns the current session (the workflow may replace it);
     ``regain`` is called when a session is lost while talking to the guard: it
-    reaches the host again (then the read or signal is tried once more) or
-    raises."""
+    reaches the host again (then the read or word is tried once more on a new
+    stream) or raises."""
 
     def __init__(
         self,
@@ -195,6 +224,13 @@ class GuardLink:
     ):
         self.paths, self.python, self.clock, self.host = paths, python, clock, host
         self._remote, self._regain = remote, regain
+        self.stream: Channel | None = None
+        self._stream_remote: Remote | None = None
+        self.seen: list[dict] = []  # the status lines read on the current stream
+        self.sent: list[str] = []  # the words written so far
+        self._beat_at: float | None = None
+        # on a test's clock, waits sleep on it; on the real one, they read the stream
+        self._blocking = type(clock).sleep is Clock.sleep and type(clock).now is Clock.now
 
     @property
     def remote(self) -> Remote:
@@ -207,7 +243,137 @@ class GuardLink:
             self._regain(lost)  # raises when the session may not be regained here
             return action()
 
-    # -- installing and starting ----------------------------------------------------------
+    # -- link tasks ---------------------------------------------------------------------------
+
+    def _open(self, task: str, args: dict[str, Any], data: bytes = b"") -> Channel:
+        source = guard_source().encode("utf-8")
+        command = sh(self.python, "-c", LINK_BOOT, len(source), task, self.paths.run_dir)
+        channel = self.remote.open_channel(command)
+        try:
+            channel.write(source + json.dumps(args).encode("utf-8") + b"\n" + data)
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def _answer(self, channel: Channel, task: str, wait: float) -> dict[str, Any]:
+        line = channel.readline(wait)
+        if line is None:
+            raise RemoteCommandError(
+                f"no answer from the host's {task} task within {wait:g}s", host=self.host
+            )
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise RemoteCommandError(
+                f"unexpected answer from the host's {task} task: {line[:200]!r}", host=self.host
+            )
+        return answer
+
+    def call(self, task: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One link task that answers one line: one round trip."""
+        channel = self._open(task, args)
+        try:
+            answer = self._answer(channel, task, ANSWER_WAIT)
+        finally:
+            channel.close()
+        if answer.get("error"):
+            raise RemoteCommandError(
+                f"the host's {task} task failed: {answer.get('output', answer['error'])}",
+                host=self.host,
+            )
+        return answer
+
+    def inspect(self, *, owner: str | None = None, break_lock: bool = False) -> Inspection:
+        """The installed script's sha256 and mode; with ``owner``, take the host
+        lock first (``mkdir``, the owner inside) in the same round trip."""
+        p = self.paths
+        lock = p.lock if owner is not None else None
+        args = {"base": p.base, "lock": lock, "owner": owner, "break_lock": break_lock}
+        answer = self.call("inspect", {**args, "script": p.script_path})
+        if answer.get("lock") == "held":
+            return Inspection("held", held_by=LockInfo.from_json(answer.get("owner")))
+        if answer.get("lock") == "error":
+            return Inspection("error", error=str(answer.get("error", "")))
+        mode = answer.get("mode")
+        return Inspection(answer.get("lock"), sha256=answer.get("sha256"), mode=mode)
+
+    def stage(
+        self, script: bytes, program: bytes, *, mode: str, validate: str, owner_of: str | None
+    ) -> int:
+        """Send the new script and the rendered guard on one channel: the host
+        writes them beside the script, sets their modes, checks both sha256, runs
+        ``validate``, starts the guard armed and answers its pid. The channel then
+        stays open as the guard's stream. Returns the guard's pid."""
+        p = self.paths
+        self.close_stream()
+        args = {
+            "run_dir": p.run_dir,
+            "backups": p.backups,
+            "staged": p.staged,
+            "guard": p.guard,
+            "mode": mode,
+            "owner_of": owner_of,
+            "validate": validate,
+            "sizes": [len(script), len(program)],
+            "sha256": [sha256_hex(script), sha256_hex(program)],
+        }
+        channel = self._open("stage", args, script + program)
+        try:
+            self._staged(self._answer(channel, "stage", STAGE_WAIT))
+            armed = self._answer(channel, "stage", ARM_WAIT)
+            if not isinstance(armed.get("armed"), int):
+                raise GuardError(
+                    f"the guard did not start: {str(armed.get('output', armed))[:200]}",
+                    host=self.host,
+                )
+        except BaseException:
+            channel.close()
+            raise
+        self._adopt(channel)
+        return armed["armed"]
+
+    def _staged(self, answer: dict[str, Any]) -> None:
+        error = answer.get("error")
+        if error == "sha256":
+            raise VerifyError(
+                f"staged files on {self.host} do not match what was sent "
+                "(sha256 differs); the upload was damaged",
+                host=self.host,
+            )
+        if error == "validate":
+            raise VerifyError(
+                f"validate command failed (exit {answer.get('exit')}) on the staged script: "
+                f"{answer.get('output', '')}",
+                host=self.host,
+            )
+        if error or not answer.get("staged"):
+            raise RemoteCommandError(
+                f"staging failed on the host: {answer.get('output', answer)}", host=self.host
+            )
+
+    def clean(self, *, keep: int | None, remove_run: bool, release_lock: bool) -> list[str]:
+        """One round trip: prune backups to ``keep`` (None: leave them) and make
+        them owner-only, remove the run directory, release the lock if it is this
+        run's. The stream is closed first (its follower ends)."""
+        p = self.paths
+        self.close_stream()
+        answer = self.call(
+            "cleanup",
+            {
+                "backups": p.backups,
+                "prefix": posixpath.basename(p.script_path) + ".",
+                "keep": keep,
+                "run_dir": p.run_dir if remove_run else None,
+                "lock": p.lock if release_lock else None,
+                "run_id": p.run_id,
+            },
+        )
+        return list(answer.get("pruned", []))
+
+    # -- installing and starting (a run whose guard is gone) ------------------------------------
 
     def upload(self, program: bytes) -> None:
         """Put the rendered guard into the run directory (see :meth:`private`)."""
@@ -221,42 +387,119 @@ class GuardLink:
     def _start(self, *flags: str) -> str:
         return f"cd {sh(self.paths.run_dir)} && {sh(self.python, 'guard.py', '--detach', *flags)}"
 
-    def arm(self) -> int:
-        """Start the uploaded guard detached and armed; return its pid."""
-        res = self.remote.run(self._start())
-        try:
-            return int(res.stdout.strip().splitlines()[-1])  # --detach prints the guard's pid
-        except (ValueError, IndexError):
-            raise GuardError(
-                f"the guard did not start: {res.stdout.strip()[:200]}", host=self.host
-            ) from None
-
     def relaunch(self, program: bytes) -> None:
         """The run's guard is gone (host rebooted, killed): a new one only reverts."""
         self.remote.run(f"umask 077 && mkdir -p {sh(self.paths.run_dir)}")
         self.upload(program)
         self.remote.run(f"{self.private()} && {self._start('--revert')}")
 
-    # -- talking to it ----------------------------------------------------------------------
+    # -- the stream ---------------------------------------------------------------------------
 
-    def signal(self, name: str, *, regain: bool = True) -> CommandResult:
-        """Write control file ``name`` (idempotent: a lost session may be regained
-        and the word written again)."""
-        command = sh("touch", self.paths.control(name))
+    def _adopt(self, channel: Channel) -> None:
+        self.stream, self._stream_remote = channel, self.remote
+        self.seen, self._beat_at = [], None
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = self._stream_remote = None
+
+    def _ensure_stream(self) -> Channel:
+        if self.stream is not None and self._stream_remote is self.remote:
+            return self.stream
+        self.close_stream()
+        self._adopt(self._open("follow", {"run_dir": self.paths.run_dir}))
+        again = [w for w in dict.fromkeys(self.sent) if w in RESEND]
+        if again:  # regained during the swap: the words may not have reached the host
+            self._write("".join(w + "\n" for w in again).encode())
+        return self.stream
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.stream.write(data)
+        except (SshSessionLost, RemoteCommandError):
+            self.close_stream()
+            raise
+
+    def _beat(self) -> None:
+        """Deployer's sign of life: any line it writes makes the host touch ``alive``."""
+        now = self.clock.now()
+        if self._beat_at is None or now - self._beat_at >= BEAT:
+            self._write(b"alive\n")
+            self._beat_at = now
+
+    def _pump(self, wait: float, sync: bool = False) -> bool:
+        """Read what the stream has, waiting up to ``wait`` s for a first line;
+        with ``sync``, until the host confirmed that every status line written
+        so far was sent. True if a status line came."""
+        new = self.stream is None or self._stream_remote is not self.remote
+        stream = self._ensure_stream()
+        if sync or new:  # a new stream replays the status: read it all first
+            sync = True
+            self._write(b"sync\n")  # a line: a sign of life too
+            self._beat_at = self.clock.now()
+            wait = ANSWER_WAIT
+        else:
+            self._beat()
+        came = False
+        try:
+            line = stream.readline(wait)
+            while line is not None:
+                for item in parse_status(line):
+                    if item.get("reset"):
+                        self.seen = []
+                    elif item.get("synced"):
+                        sync = False
+                    elif "state" in item:
+                        self.seen.append(item)
+                        came = True
+                line = stream.readline(ANSWER_WAIT if sync else 0.0)
+        except (SshSessionLost, RemoteCommandError):
+            self.close_stream()
+            raise
+        if sync:
+            self.close_stream()
+            raise RemoteCommandError(
+                f"the guard's stream did not answer within {ANSWER_WAIT:g}s", host=self.host
+            )
+        return came
+
+    def _idle(self, seconds: float, abort: threading.Event | None = None) -> None:
+        """Wait up to ``seconds`` for the guard's next line (a line ends it at once)."""
+        if self._blocking and not (abort is not None and abort.is_set()):
+            self._again(lambda: self._pump(max(seconds, 0.0)))
+        else:
+            self.clock.sleep(seconds, abort)
+
+    # -- talking to the guard -----------------------------------------------------------------
+
+    def signal(self, name: str, *, regain: bool = True) -> None:
+        """Write the word ``name``; the host turns it into the control file
+        (idempotent: after a regained session the swap's words are written again)."""
+        self.sent.append(name)
+
+        def send() -> None:
+            self._ensure_stream()
+            self._write(f"{name}\n".encode())
+
         if regain:
-            return self._again(lambda: self.remote.run(command))
-        return self.remote.run(command)
+            self._again(send)
+        else:
+            send()
 
-    def lines(self) -> list[dict]:
-        return self._again(lambda: read_status(self.remote, self.paths))
+    def lines(self, fresh: bool = True) -> list[dict]:
+        """The guard's status lines: ``fresh``, every line written by now (the
+        host confirms it: a round trip on the stream); else those that came."""
+        self._again(lambda: self._pump(0.0, sync=fresh))
+        return list(self.seen)
 
-    def last(self) -> dict[str, Any]:
-        lines = self.lines()
+    def last(self, fresh: bool = True) -> dict[str, Any]:
+        lines = self.lines(fresh)
         return lines[-1] if lines else {}
 
-    def state(self, step: str | None = None) -> str:
+    def state(self, step: str | None = None, fresh: bool = True) -> str:
         """The guard's current state; raises if it is reverting or gave up."""
-        last = self.last()
+        last = self.last(fresh)
         state = last.get("state", "")
         if state in REVERTING_STATES:
             raise GuardError(
@@ -272,14 +515,17 @@ class GuardLink:
 
     # -- waiting on it -------------------------------------------------------------------------
 
+    def _look(self, poll: float, end: float, abort: threading.Event | None = None) -> None:
+        self._idle(min(LOOK if self._blocking else poll, end - self.clock.now()), abort)
+
     def await_final(self, seconds: float, poll: float = POLL) -> str:
         """The guard's state once it is final (committed, reverted, aborted), or
         whatever it is after ``seconds``."""
         end = self.clock.now() + seconds
         state = self.last().get("state", "")
         while state not in FINAL_STATES and self.clock.now() < end:
-            self.clock.sleep(poll)
-            state = self.last().get("state", "")
+            self._look(poll, end)
+            state = self.last(fresh=False).get("state", "")
         return state
 
     def await_state(
@@ -291,20 +537,24 @@ class GuardLink:
         poll: float = POLL,
         abort: threading.Event | None = None,
     ) -> bool:
-        """Wait until the guard's state is one of ``wanted`` (True), or until the next
-        look would pass ``deadline`` (False); raises if the guard reverts."""
-        while self.state(step) not in wanted:
-            if self.clock.now() + poll > deadline:
+        """Wait until the guard's state is one of ``wanted`` (True), or until
+        ``deadline`` (False); raises if the guard reverts."""
+        fresh = True
+        while self.state(step, fresh) not in wanted:
+            if self.clock.now() + (0.0 if self._blocking else poll) >= deadline:
                 return False
-            self.clock.sleep(poll, abort)
+            self._look(poll, deadline, abort)
+            fresh = False
         return True
 
     def await_commit(self, seconds: float) -> str:
         """After ``commit``: ``committed``, a reverting state, or "" after ``seconds``."""
         end = self.clock.now() + seconds
+        fresh = True
         while self.clock.now() < end:
-            state = self.last().get("state", "")
+            state = self.last(fresh).get("state", "")
             if state == COMMITTED or state in REVERTING_STATES:
                 return state
-            self.clock.sleep(POLL)
+            self._look(POLL, end)
+            fresh = False
         return ""

@@ -84,6 +84,29 @@ class LockInfo:
     def describe(self, now: float) -> str:
         return f"held by {self.owner} (run {self.run_id}) for {max(0, now - self.since):.0f}s"
 
+    @classmethod
+    def from_json(cls, data: object) -> LockInfo | None:
+        """From the lock's owner file as parsed JSON; None if it is not one."""
+        try:
+            return cls(str(data["owner"]), str(data["run_id"]), float(data["since"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def lock_owner(paths: HostPaths, owner: str, now: float) -> str:
+    """What the lock's owner file holds for this run."""
+    return json.dumps({"owner": owner, "run_id": paths.run_id, "since": now})
+
+
+def lock_held(paths: HostPaths, held: LockInfo | None, now: float, host: str) -> LockHeld:
+    what = held.describe(now) if held else "held by an unknown owner"
+    return LockHeld(
+        f"host lock {paths.lock} is {what}; if that deployer is gone, run "
+        f"`deployer recover` or pass --break-lock",
+        host=host,
+        step="lock",
+    )
+
 
 def remote_sha256(remote: Remote, path: str) -> str | None:
     """sha256 of a remote file, or None if it does not exist."""
@@ -147,7 +170,7 @@ def take_lock(
     remote: Remote, paths: HostPaths, owner: str, now: float, break_lock: bool = False
 ) -> None:
     """``mkdir`` the lock directory (atomic) and record the owner inside it."""
-    info = json.dumps({"owner": owner, "run_id": paths.run_id, "since": now})
+    info = lock_owner(paths, owner, now)
     if break_lock:
         remote.run(sh("rm", "-rf", paths.lock))
     mk = remote.run(f"mkdir -p {sh(paths.base)} && mkdir {sh(paths.lock)}", check=False)
@@ -160,13 +183,7 @@ def take_lock(
                 command=mk.command,
                 exit_status=mk.exit_status,
             )
-        what = held.describe(now) if held else "held by an unknown owner"
-        raise LockHeld(
-            f"host lock {paths.lock} is {what}; if that deployer is gone, run "
-            f"`deployer recover` or pass --break-lock",
-            host=remote.name,
-            step="lock",
-        )
+        raise lock_held(paths, held, now, remote.name)
     remote.run(f"printf %s {sh(info)} > {sh(paths.lock + '/owner')}")
 
 
@@ -175,9 +192,8 @@ def read_lock(remote: Remote, paths: HostPaths) -> LockInfo | None:
     if not res.ok:
         return None
     try:
-        data = json.loads(res.stdout)
-        return LockInfo(str(data["owner"]), str(data["run_id"]), float(data["since"]))
-    except (ValueError, KeyError, TypeError):
+        return LockInfo.from_json(json.loads(res.stdout))
+    except ValueError:
         return None
 
 

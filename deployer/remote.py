@@ -1,6 +1,7 @@
 """The remote host behind a small interface.
 
 The workflow talks to a :class:`Remote`: run a shell command, write a file,
+open a :class:`Channel` (one command that stays open, for the guard's link),
 close. :class:`SshRemote` implements it on fabric (paramiko) through the
 tunnel endpoint ``ssh_host:ssh_port``, with the host key policy of the
 inventory: ``strict`` refuses unknown keys, ``accept-new`` records them, and
@@ -19,9 +20,10 @@ import hashlib
 import logging
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from deployer.errors import (
     HostKeyError,
@@ -37,6 +39,7 @@ log = logging.getLogger("deployer.remote")
 CONNECT_TIMEOUT = 15.0  # seconds for TCP + SSH handshake + auth
 DEFAULT_COMMAND_TIMEOUT = 60.0
 OUTPUT_TAIL = 400  # characters of output kept in errors
+CLOSE_WAIT = 5.0  # seconds a channel's command gets to exit once its input has ended
 
 
 def sh(*words: object) -> str:
@@ -77,7 +80,26 @@ class Remote(Protocol):
 
     def write_file(self, path: str, data: bytes) -> None: ...
 
+    def open_channel(self, command: str, *, sudo: bool | None = None) -> Channel: ...
+
     def close(self) -> None: ...
+
+
+class Channel(Protocol):
+    """One long-lived command on the host: deployer writes to its stdin and reads
+    its stdout line by line as it comes. Its end is :class:`SshSessionLost` when
+    the session died under it, :class:`RemoteCommandError` when the command
+    itself ended."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def readline(self, timeout: float) -> str | None:
+        """The next line (without its newline), or None if none came in ``timeout``."""
+        ...
+
+    def close(self) -> None:
+        """End the command's input and let it exit, then close the channel."""
+        ...
 
 
 def _known_hosts_name(host: str, port: int) -> str:
@@ -216,8 +238,14 @@ class SshRemote:
                 pass
             self._sftp = None
         if self._conn is not None:
+            transport = self._conn.transport
             self._conn.close()
             self._conn = None
+            if transport is not None:
+                # the socket is released only when paramiko's thread ends (it may
+                # be reading the server's last messages): wait for it, so that the
+                # connection is closed from this end before, say, ``disconnect``
+                transport.join(CLOSE_WAIT)
 
     # -- commands -------------------------------------------------------------
 
@@ -265,6 +293,21 @@ class SshRemote:
             )
         return SshSessionLost(f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name)
 
+    def open_channel(self, command: str, *, sudo: bool | None = None) -> SshChannel:
+        """Start ``command`` on a channel of its own and keep it open (one round trip)."""
+        if self._conn is None:
+            raise SshConnectError("SSH session is not open", host=self.name)
+        full = self._wrap(command, sudo)
+        log.debug("%s: channel %s", self.name, tail(full, 200))
+        try:
+            chan = self._conn.transport.open_session(timeout=self.connect_timeout)
+            chan.exec_command(full)
+        except Exception as exc:  # noqa: BLE001 - paramiko/socket errors: the session
+            raise SshSessionLost(
+                f"SSH session lost: {type(exc).__name__}: {exc}", host=self.name
+            ) from None
+        return SshChannel(chan, self.name, full)
+
     def write_file(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` (a fresh temp path; the caller renames it).
 
@@ -295,6 +338,68 @@ class SshRemote:
             raise SshSessionLost(
                 f"SSH session lost during upload to {path}: {type(exc).__name__}", host=self.name
             ) from None
+
+
+class SshChannel:
+    """A :class:`Channel` on a paramiko session channel."""
+
+    def __init__(self, chan: Any, name: str, command: str):
+        self._chan, self.name, self.command = chan, name, command
+        self._buf = b""
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._chan.sendall(data)
+        except Exception as exc:  # noqa: BLE001 - socket, paramiko, EOF: the session
+            raise self._ended(exc) from None
+
+    def readline(self, timeout: float) -> str | None:
+        end = time.monotonic() + max(timeout, 0.0)
+        while b"\n" not in self._buf:
+            self._chan.settimeout(max(end - time.monotonic(), 0.0))
+            try:
+                data = self._chan.recv(65536)
+            except TimeoutError:
+                return None
+            except Exception as exc:  # noqa: BLE001 - the session died under it
+                raise self._ended(exc) from None
+            if not data:
+                raise self._ended(None)
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    def _ended(self, exc: Exception | None) -> Exception:
+        transport = self._chan.get_transport()
+        if exc is not None or transport is None or not transport.is_active():
+            why = f"{type(exc).__name__}: {exc}" if exc is not None else "the connection closed"
+            return SshSessionLost(f"SSH session lost: {why}", host=self.name)
+        self._chan.status_event.wait(5)
+        status = self._chan.exit_status if self._chan.exit_status_ready() else -1
+        err = b""
+        while self._chan.recv_stderr_ready():
+            err += self._chan.recv_stderr(65536)
+        text = err.decode("utf-8", "replace")
+        return RemoteCommandError(
+            f"remote command ended (exit {status}): {tail(self.command, 200)}: {tail(text)}",
+            host=self.name,
+            command=self.command,
+            exit_status=status,
+            output_tail=tail(text),
+        )
+
+    def close(self) -> None:
+        """End deployer's input (the command sees EOF), let the command exit, then
+        close: as a command run to its end, never a channel cut under a running
+        command (some servers end the whole connection for that)."""
+        try:
+            transport = self._chan.get_transport()
+            if transport is not None and transport.is_active() and not self._chan.closed:
+                self._chan.shutdown_write()
+                self._chan.status_event.wait(CLOSE_WAIT)
+            self._chan.close()
+        except Exception:  # noqa: BLE001 - closing a dead channel
+            pass
 
 
 def sha256_hex(data: bytes) -> str:

@@ -32,7 +32,7 @@ from deployer.errors import (
     DeployerError,
     GuardError,
     Interrupted,
-    LockHeld,
+    RemoteCommandError,
     RemoteError,
     SshConnectError,
     SshSessionLost,
@@ -55,6 +55,7 @@ from deployer.guardlink import (
     REVERTING_STATES,
     WATCHING_STATES,
     GuardLink,
+    Inspection,
     go_deadline,
     guard_config,
     render_guard,
@@ -62,14 +63,12 @@ from deployer.guardlink import (
 )
 from deployer.hostfiles import (
     list_backups,
+    lock_held,
+    lock_owner,
     loose_mode_warning,
-    prune_backups,
     read_file,
     read_lock,
-    release_lock,
-    remote_script_info,
     remote_sha256,
-    take_lock,
 )
 from deployer.model import HostConfig, Inventory
 from deployer.plan import HostPlan
@@ -150,6 +149,7 @@ class HostRun:
         self.tunnel_ours = False  # we held the host lock: no other run can ride on the tunnel
         self.journal_failed = False  # a journal or event sink write failed while unwinding
         self.backup_path: str | None = None
+        self.inspected: Inspection | None = None  # what the lock stage found on the host
         self.guard = GuardLink(
             self.paths,
             self.host.python,
@@ -379,25 +379,31 @@ class HostRun:
             return self.remote.run(command, **kwargs)
 
     def _lock(self) -> None:
+        """Take the host lock and, in the same round trip, look at the installed
+        script (for the inspect stage)."""
         self._note(lock_maybe_held=True)
-        try:
-            take_lock(
-                self.remote,
-                self.paths,
-                self.ctx.owner,
-                self.clock.wall(),
-                break_lock=self.ctx.options.break_lock,
-            )
-        except LockHeld:
+        now = self.clock.wall()
+        found = self.guard.inspect(
+            owner=lock_owner(self.paths, self.ctx.owner, now),
+            break_lock=self.ctx.options.break_lock,
+        )
+        if found.lock == "held":
             self._leave_tunnel_to_the_lock_holder()
-            raise
+            raise lock_held(self.paths, found.held_by, now, self.host.name)
+        if found.lock == "error":
+            raise RemoteCommandError(
+                f"cannot create the host lock {self.paths.lock}: {found.error[:200]}",
+                host=self.host.name,
+            )
         self.locked = self.tunnel_ours = True
+        self.inspected = found
 
     def _inspect(self) -> bool:
         """True if there is something to install. Warns (without failing the host)
         when group or others can read the installed script: it holds credentials."""
         path = self.paths.script_path
-        self.old_sha, self.installed_mode = remote_script_info(self.remote, path)
+        found = self.inspected or self.guard.inspect()  # the lock stage looked already
+        self.old_sha, self.installed_mode = found.sha256, found.mode
         warning = loose_mode_warning(path, self.installed_mode, self.host.mode)
         if warning:
             self._message(warning)
@@ -440,35 +446,25 @@ class HostRun:
         return scrub("".join(lines), self.ctx.inventory.secret_values())
 
     def _stage(self) -> None:
-        r, p = self.remote, self.paths
+        """One round trip: the new script and the guard go on one channel's stdin;
+        the host writes them, sets their modes, checks both sha256, runs
+        ``validate`` and starts the guard armed; the channel stays open as the
+        guard's stream."""
+        p = self.paths
         self.backup_path = backup = p.backup_for(self.old_sha, self.clock.wall())
         guard = self._guard_program(backup)
-        self._note(staged=True, backup_path=backup)
-        r.run(f"umask 077 && mkdir -p {sh(p.backups)} {sh(p.run_dir)}")
-        r.write_file(p.staged, self.script)
-        self.guard.upload(guard)
-        mode = self.host.mode
-        r.run(f"chmod {sh(mode)} {sh(p.staged)} && {self.guard.private()}")
-        if self.host.sudo:  # uploaded as the SSH user: give it the installed script's owner
-            script = sh(p.script_path)
-            r.run(f"if [ -e {script} ]; then chown --reference={script} {sh(p.staged)}; fi")
-        # read from stdin: sha256sum escapes odd file names in its output
-        sums = r.run(f"sha256sum < {sh(p.staged)} && sha256sum < {sh(p.guard)}").stdout.split()
-        if sums[:1] != [self.new_sha] or sums[2:3] != [sha256_hex(guard)]:
-            raise VerifyError(
-                f"staged files on {self.host.name} do not match what was sent "
-                "(sha256 differs); the upload was damaged",
-                host=self.host.name,
-            )
-        if self.plan.validate:
-            res = r.run(self.plan.validate, check=False)
-            if not res.ok:
-                raise VerifyError(
-                    f"validate command failed (exit {res.exit_status}) on the staged script: "
-                    f"{(res.stderr or res.stdout).strip()[-300:]}",
-                    host=self.host.name,
-                )
-        self._arm_guard()
+        # the same channel may start the guard: journal it as armed before it opens
+        self._note(staged=True, backup_path=backup, guard_armed=True)
+        self.guard_armed = True
+        self.armed_at = self.clock.now()  # before the guard starts its go deadline
+        self.guard.stage(
+            self.script,
+            guard,
+            mode=self.host.mode,
+            validate=self.plan.validate,
+            # with sudo the host writes as root: give the staged file the script's owner
+            owner_of=p.script_path if self.host.sudo else None,
+        )
 
     def _guard_program(self, backup: str) -> bytes:
         """This run's guard, rendered with its config (which holds credentials)."""
@@ -476,13 +472,6 @@ class HostRun:
             self.plan, self.ctx.inventory, backup, tunnel_opened=self.tunnel_opened
         )
         return render_guard(config)
-
-    def _arm_guard(self) -> None:
-        """Start the guard before the window opens; it waits for ``go`` (the swap)."""
-        self._note(guard_armed=True)
-        self.guard_armed = True
-        self.armed_at = self.clock.now()  # before the guard starts its go deadline
-        self.guard.arm()
 
     def _open_window(self) -> None:
         """Open the window; while an armed guard waits for ``go``, the call must be
@@ -537,12 +526,12 @@ class HostRun:
         delay = first
         while True:
             if self.clock.now() < aged:
-                self.guard.state(self.step_name)  # a new client that dies meanwhile is reverted
+                self.guard.state(self.step_name, fresh=False)  # a new client that dies is reverted
                 self._wait(deadline, min(EVIDENCE_POLL, aged - self.clock.now()), "online")
                 continue
             if self.api.client_status(self.host):
                 return
-            self.guard.state(self.step_name)
+            self.guard.state(self.step_name, fresh=False)
             self._wait(deadline, delay, "online")
             delay = min(delay * factor, cap)
 
@@ -572,7 +561,7 @@ class HostRun:
         end = self.clock.now() + self.plan.stable_for
         while (left := end - self.clock.now()) > 0:
             self._check_abort()
-            state = self.guard.state(self.step_name)
+            state = self.guard.state(self.step_name, fresh=False)
             if state not in WATCHING_STATES:
                 raise GuardError(
                     f"the guard stopped watching (state {state!r})", host=self.host.name
@@ -810,20 +799,23 @@ class HostRun:
                 self._shut_window()
             except DeployerError:
                 outcome, status = Outcome.UNSAFE, "failed"
-        if self.locked and outcome is not Outcome.UNSAFE and not self._ssh_alive():
-            try:  # the session was lost: reach the host again to release its lock
-                self._reattach(within=CLEANUP_REATTACH)
-            except DeployerError as exc:
-                status = "failed"
-                self._message(f"the host lock stays until `deployer recover`: {exc}")
+        if self.locked and outcome is not Outcome.UNSAFE and self.remote is None:
+            status = self._reach_to_clean(status)
         if self.remote is not None and outcome is not Outcome.UNSAFE:
             try:
                 self._clean_host(outcome)
+            except SshSessionLost as exc:
+                if self.locked:  # reach the host again to release its lock
+                    status = self._reach_to_clean(status)
+                    status = self._clean_again(outcome, status)
+                else:
+                    status = "failed"
+                    self._message(f"cleanup on the host failed: {exc}")
             except (RemoteError, OSError) as exc:
                 status = "failed"
                 self._message(f"cleanup on the host failed: {exc}")
-            self.remote.close()
-        elif self.remote is not None:
+        self.guard.close_stream()
+        if self.remote is not None:
             self.remote.close()
         if self.tunnel_opened and not self.tunnel_ours:
             self._leave_tunnel()
@@ -837,18 +829,40 @@ class HostRun:
         self._record("cleanup", status, t0)
         return outcome
 
+    def _reach_to_clean(self, status: str) -> str:
+        """The session was lost: reach the host again to release its lock."""
+        try:
+            self._reattach(within=CLEANUP_REATTACH)
+        except DeployerError as exc:
+            self._message(f"the host lock stays until `deployer recover`: {exc}")
+            return "failed"
+        return status
+
+    def _clean_again(self, outcome: Outcome, status: str) -> str:
+        if self.remote is None:
+            return "failed"
+        try:
+            self._clean_host(outcome)
+        except (RemoteError, OSError) as exc:
+            self._message(f"cleanup on the host failed: {exc}")
+            return "failed"
+        return status
+
     def _clean_host(self, outcome: Outcome) -> None:
+        """One round trip: prune, remove the run's files, release the lock."""
+        keep = None
         if outcome is Outcome.UPGRADED or outcome is Outcome.ROLLED_BACK:
-            prune_backups(self.remote, self.paths, self.host.keep_backups)
+            keep = self.host.keep_backups
         if self.keep_lock:
+            if keep is not None:
+                self.guard.clean(keep=keep, remove_run=False, release_lock=False)
             self._message(
                 "kept the host lock and run files: the guard could not be disarmed; "
                 "run `deployer recover` to finish this host"
             )
             return
-        self.remote.run(sh("rm", "-rf", self.paths.run_dir))
+        self.guard.clean(keep=keep, remove_run=True, release_lock=self.locked)
         if self.locked:
-            release_lock(self.remote, self.paths)
             self._note(lock_maybe_held=False)
 
     def _message(self, text: str) -> None:

@@ -1,9 +1,10 @@
 """Reusable test doubles for the single-host upgrade machinery.
 
 * :class:`LocalRemote` is the Remote protocol of ``deployer.remote`` on this
-  machine: commands run with ``/bin/sh -c``, files are written locally, so the
-  real guard really runs as a detached local process. It records every
-  command and can simulate a lost SSH session.
+  machine: commands run with ``/bin/sh -c``, files are written locally, and a
+  channel is a real local process with pipes, so the real guard and its link
+  really run as local processes. It records every command and every word
+  written on a channel, and can simulate a lost SSH session.
 * :class:`FakeApi` is an in-memory provider with the ProviderAPI methods the
   workflow uses. Its "online" answer comes from a callable (e.g. "the
   pidfile's process is alive"), it records the allow-clientless intervals
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import signal
 import subprocess
@@ -179,6 +181,8 @@ class LocalRemote:
         self.closed = False
         self.commands: list[str] = []
         self.writes: list[str] = []
+        self.words: list[str] = []  # lines deployer wrote on channels (go, commit, …)
+        self.channels: list[LocalChannel] = []
         self.lose_after: Callable[[str], bool] | None = None
 
     def _alive(self, what: str) -> None:
@@ -229,12 +233,105 @@ class LocalRemote:
         with open(path, "wb") as fh:
             fh.write(data)
 
+    def open_channel(self, command: str, *, sudo: bool | None = None) -> LocalChannel:
+        self._alive(command)
+        self.commands.append(command)
+        channel = LocalChannel(self, command)
+        self.channels.append(channel)
+        return channel
+
     def close(self) -> None:
         self.closed = True
+        for channel in self.channels:
+            channel.close()
 
     def ran(self, fragment: str) -> list[str]:
         """The commands that contain ``fragment``."""
         return [c for c in self.commands if fragment in c]
+
+    def said(self, word: str) -> bool:
+        """Did deployer write ``word`` (a line) on one of the channels?"""
+        return word in self.words
+
+
+class LocalChannel:
+    """A Channel of :class:`LocalRemote`: the command runs as a real local process
+    (``/bin/sh -c``) with its stdin and stdout piped. When the remote is lost
+    (simulated), its stdin is closed, as sshd closes a session's pipes."""
+
+    def __init__(self, remote: LocalRemote, command: str):
+        self.remote, self.command = remote, command
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.buf = b""
+
+    def _lost(self) -> SshSessionLost:
+        self._end_input()
+        return SshSessionLost(f"SSH session lost (simulated) on {self.command[:60]}", host="")
+
+    def _end_input(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def write(self, data: bytes) -> None:
+        if self.remote.lost or self.proc.stdin.closed:
+            raise self._lost()
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise self._ended() from None
+        if len(data) < 64:  # a word, not a program or a file
+            for word in data.decode("utf-8", "replace").split("\n")[:-1]:
+                self.remote.words.append(word)
+                if self.remote.lose_after is not None and self.remote.lose_after(word):
+                    self.remote.lost = True
+
+    def readline(self, timeout: float) -> str | None:
+        end = time.monotonic() + max(timeout, 0.0)
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            if self.remote.lost:
+                raise self._lost()
+            ready, _, _ = select.select([fd], [], [], max(end - time.monotonic(), 0.0))
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise self._lost() if self.remote.lost else self._ended()
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    def _ended(self) -> RemoteCommandError:
+        try:
+            status = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            status = -1
+        err = self.proc.stderr.read().decode("utf-8", "replace").strip()
+        return RemoteCommandError(
+            f"remote command ended (exit {status}): {err[-300:]}",
+            host=self.remote.name,
+            command=self.command,
+            exit_status=status,
+            output_tail=err[-300:],
+        )
+
+    def close(self) -> None:
+        self._end_input()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
 
 
 @dataclass

@@ -1,36 +1,37 @@
 """Deployer's side of the guard protocol (deployer/guardlink.py) against the
-host's side (deployer/guard.py): one vocabulary, and the status as read on
-local files through LocalRemote (the real shell commands run)."""
+host's side (deployer/guard.py): one vocabulary, and the link tasks (inspect,
+stage and the guard's stream, cleanup) run for real as local processes through
+LocalRemote's channels."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import stat
+from pathlib import Path
 
 import pytest
 
 from deployer import guardlink
+from deployer.clock import Clock
+from deployer.errors import VerifyError
 from deployer.guardlink import (
+    ARMED,
     CONTROLS,
     FINAL_STATES,
+    GO,
+    REVERTED,
     REVERTING_STATES,
+    RUNNING,
     WATCHING_STATES,
+    GuardLink,
     guard_source,
-    read_status,
 )
 from deployer.hostfiles import HostPaths
-from tests.doubles import LocalRemote
+from tests.doubles import PYTHON, LocalRemote, ProcessReaper, wait_for
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def remote():
-    return LocalRemote("pi-01")
-
-
-@pytest.fixture
-def paths(tmp_path):
-    return HostPaths(str(tmp_path / "opt" / "client.py"), "run-A")
 
 
 def _guard_calls(method: str) -> set[str]:
@@ -69,15 +70,153 @@ def test_every_control_file_deployer_writes_is_one_the_guard_reads():
     assert set(CONTROLS) <= _guard_calls("control")
 
 
-def test_guard_status_ignores_a_partial_last_line(remote, paths, tmp_path):
-    run = tmp_path / "opt/.client.py.deployer/runs/run-A"
-    run.mkdir(parents=True)
-    (run / "status").write_text(
-        '{"state": "running", "t": 1.0}\n{"state": "backed_up", "t": 2.0}\n{"state": "sto'
+# --- the link tasks, run for real as local processes -----------------------------------
+
+
+class Host:
+    """A host's files for one run, reached through LocalRemote."""
+
+    def __init__(self, root: Path):
+        self.script = root / "opt" / "client.py"
+        self.script.parent.mkdir(parents=True)
+        self.paths = HostPaths(str(self.script), "run-A")
+        self.remote = LocalRemote("pi-01")
+        self.link = GuardLink(
+            self.paths,
+            PYTHON,
+            remote=lambda: self.remote,
+            regain=self.regain,
+            clock=Clock(),
+            host="pi-01",
+        )
+        self.regained = 0
+
+    def regain(self, lost):
+        if self.regained:
+            raise lost
+        self.regained += 1
+        self.remote = LocalRemote("pi-01")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.paths.run_dir)
+
+    def write_status(self, *states: str) -> None:
+        with open(self.run_dir / "status", "a") as fh:
+            for state in states:
+                fh.write(json.dumps({"state": state, "pid": 1}) + "\n")
+
+
+@pytest.fixture
+def host(tmp_path):
+    host = Host(tmp_path)
+    yield host
+    host.link.close_stream()
+    ProcessReaper(tmp_path).kill_all()
+
+
+def test_inspect_takes_the_lock_and_reads_the_script_in_one_round_trip(host):
+    host.script.write_bytes(b"old")
+    host.script.chmod(0o750)
+    found = host.link.inspect(owner=json.dumps({"owner": "me", "run_id": "run-A", "since": 1.0}))
+    assert (found.lock, found.sha256, found.mode) == (
+        "taken",
+        hashlib.sha256(b"old").hexdigest(),
+        "0750",
     )
-    assert [ln["state"] for ln in read_status(remote, paths)] == ["running", "backed_up"]
-    assert (run / "alive").exists()  # each read is deployer's sign of life
+    assert json.loads((Path(host.paths.lock) / "owner").read_text())["owner"] == "me"
+    assert len(host.remote.commands) == 1
+    again = host.link.inspect(owner="{}")
+    assert again.lock == "held" and again.held_by.owner == "me"
 
 
-def test_guard_status_missing_is_empty(remote, paths):
-    assert read_status(remote, paths) == []
+def test_inspect_without_a_lock_or_a_script(host):
+    found = host.link.inspect()
+    assert (found.lock, found.sha256, found.mode) == (None, None, None)
+    assert not Path(host.paths.lock).exists()
+
+
+def test_stage_writes_checks_validates_and_arms_then_streams(host):
+    host.script.write_bytes(b"old")
+    program = b"import sys\nprint(4242)\n"  # a stand-in guard: prints a pid and exits
+    pid = host.link.stage(b"new", program, mode="0700", validate="true", owner_of=None)
+    assert pid == 4242
+    staged = Path(host.paths.staged)
+    assert staged.read_bytes() == b"new" and stat.S_IMODE(staged.stat().st_mode) == 0o700
+    assert stat.S_IMODE(Path(host.paths.guard).stat().st_mode) == 0o700
+    host.write_status(ARMED)
+    assert [ln["state"] for ln in host.link.lines()] == [ARMED]
+    host.link.signal(GO)
+    wait_for(lambda: (host.run_dir / GO).exists())
+    wait_for(lambda: (host.run_dir / "alive").exists())
+    assert len(host.remote.commands) == 1  # staging and the stream: one channel
+
+
+def test_a_failing_validate_is_reported_and_nothing_is_armed(host):
+    with pytest.raises(VerifyError, match="validate command failed \\(exit 3\\)"):
+        host.link.stage(b"new", b"x", mode="0700", validate="echo bad >&2; exit 3", owner_of=None)
+    assert not (host.run_dir / "status").exists()
+
+
+def test_a_stream_replays_the_status_and_sees_it_cut(host):
+    host.run_dir.mkdir(parents=True)
+    host.write_status(ARMED, RUNNING)
+    assert [ln["state"] for ln in host.link.lines()] == [ARMED, RUNNING]
+    (host.run_dir / "status").write_text("")  # the run's files were lost
+    assert host.link.lines() == []
+    host.write_status(REVERTED)
+    assert host.link.last()["state"] == REVERTED
+
+
+def test_a_lost_stream_is_regained_and_the_swap_words_written_again(host):
+    host.run_dir.mkdir(parents=True)
+    host.write_status(ARMED)
+    host.link.signal(GO)
+    wait_for(lambda: (host.run_dir / GO).exists())
+    (host.run_dir / GO).unlink()
+    host.remote.lost = True
+    assert host.link.last()["state"] == ARMED  # on a new session, a new stream
+    assert host.regained == 1
+    wait_for(lambda: (host.run_dir / GO).exists())  # idempotent: written again
+
+
+def test_the_follower_ends_when_deployers_end_closes(host):
+    host.run_dir.mkdir(parents=True)
+    host.link.lines()
+    follower = host.remote.channels[-1].proc
+    host.link.close_stream()
+    assert follower.wait(5) == 0  # no sign of life any more: the guard's silence check
+
+
+def test_cleanup_prunes_removes_the_run_and_releases_its_lock(host):
+    backups = Path(host.paths.backups)
+    backups.mkdir(parents=True)
+    for stamp in ("1", "2", "3"):
+        (backups / f"client.py.{stamp}").write_text(stamp)
+        (backups / f"client.py.{stamp}").chmod(0o644)
+    host.run_dir.mkdir(parents=True)
+    Path(host.paths.lock).mkdir()
+    (Path(host.paths.lock) / "owner").write_text(json.dumps({"run_id": "run-A"}))
+    pruned = host.link.clean(keep=2, remove_run=True, release_lock=True)
+    assert pruned == [str(backups / "client.py.1")]
+    assert sorted(p.name for p in backups.iterdir()) == ["client.py.2", "client.py.3"]
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in backups.iterdir())
+    assert not host.run_dir.exists() and not Path(host.paths.lock).exists()
+
+
+def test_cleanup_keeps_a_lock_of_another_run(host):
+    Path(host.paths.lock).mkdir(parents=True)
+    (Path(host.paths.lock) / "owner").write_text(json.dumps({"run_id": "run-B"}))
+    host.link.clean(keep=None, remove_run=True, release_lock=True)
+    assert Path(host.paths.lock).exists()
+
+
+def test_every_word_of_a_link_command_is_quoted(tmp_path):
+    hostile = tmp_path / "a b;$(touch pwned)'x" / "client.py"
+    hostile.parent.mkdir()
+    host = Host.__new__(Host)
+    host.script, host.remote = hostile, LocalRemote("pi-01")
+    host.paths = HostPaths(str(hostile), "run-A")
+    link = GuardLink(host.paths, PYTHON, lambda: host.remote, lambda e: None, Clock(), "pi-01")
+    assert link.inspect().sha256 is None
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()

@@ -214,7 +214,11 @@ def test_upgrade_walks_the_stages_in_spec_order(site):
     assert res.api_calls == len(site.api.calls)
     remote = site.factory.current
     assert remote.closed
-    assert remote.ran("guard.py --detach")
+    # issue 12: one round trip each for lock + inspect, stage (the guard's stream
+    # stays open on it) and cleanup; the swap's and commit's words go on the stream
+    tasks = [c.split()[-2] for c in remote.commands]
+    assert tasks == ["inspect", "stage", "cleanup"], remote.commands
+    assert [w for w in remote.words if w not in ("alive", "sync")] == ["go", "firstlife", "commit"]
 
 
 def test_second_run_is_unchanged_without_touching_the_window(site):
@@ -369,8 +373,8 @@ def test_open_window_error_closes_the_window_again(site):
     assert read_pid(site.pidfile) == pid
     # the guard was armed at the end of staging: it never got its go, it was disarmed
     remote = site.factory.current
-    assert remote.ran("guard.py --detach") and remote.ran("/revert")
-    assert not remote.ran("/go")
+    assert remote.ran(" stage ") and remote.said("revert")
+    assert not remote.said("go")
     assert site.runs() == []
     assert not (site.base / "lock").exists()
 
@@ -510,7 +514,7 @@ def test_abort_after_the_window_opened_disarms_the_guard(site):
     assert len(site.api.exposures) == 1
     assert_window_closed(site.api)
     remote = site.factory.current
-    assert remote.ran("/revert") and not remote.ran("/go")
+    assert remote.said("revert") and not remote.said("go")
     assert site.script.read_bytes() == site.old and read_pid(site.pidfile) == pid
     assert site.runs() == [] and not (site.base / "lock").exists()
 
@@ -537,7 +541,7 @@ def test_lost_ssh_during_first_life_is_regained_and_the_upgrade_finishes(site):
 
 def test_a_session_lost_at_go_is_regained(site):
     """The stop may end the session before `touch go` even returns its status."""
-    site.factory.lose_first_after = lambda command: command.endswith("/go")
+    site.factory.lose_first_after = lambda word: word == "go"
     res = site.run(release="2")
     assert res.result is Outcome.UPGRADED, res.error
     assert len(site.factory.made) == 2
@@ -545,7 +549,7 @@ def test_a_session_lost_at_go_is_regained(site):
 
 def test_a_session_lost_after_the_window_closed_rolls_back(site):
     """With the window closed, a lost session means the new client's tunnel was cut."""
-    site.factory.lose_first_after = lambda command: command.endswith("/firstlife")
+    site.factory.lose_first_after = lambda word: word == "firstlife"
     res = site.run(release="2")
     assert res.result is Outcome.ROLLED_BACK, res.error
     assert site.script.read_bytes() == site.old
@@ -797,13 +801,13 @@ def test_a_commit_that_races_a_revert_request_ends_upgraded(site, monkeypatch):
     before the guard has looked: the guard will take the commit first, so asking
     it to revert (and opening a second window for that) must not happen."""
     slow_guard(monkeypatch, 1.0)
-    site.factory.lose_first_after = lambda command: command.endswith("/commit")
+    site.factory.lose_first_after = lambda word: word == "commit"
     res = site.run(release="2")
     assert res.result is Outcome.UPGRADED, res.error
     assert site.script.read_bytes() == client_source("2")
     assert len(site.api.exposures) == 1  # no second window
     assert_window_closed(site.api)
-    assert not site.factory.current.ran("/revert")
+    assert not site.factory.current.said("revert")
 
 
 def with_service(site: Site, block: str) -> None:
