@@ -145,6 +145,7 @@ class HostRun:
         self.keep_lock = False  # an undisarmed guard: the lock stays, recover finishes
         self.unwinding = False  # rolling back or cleaning up: an abort no longer cuts waits short
         self.armed_at: float | None = None  # when the guard was started armed (deployer's clock)
+        self.guard_pid: int | None = None  # as staging answered it
         self.commit_requested = False  # `commit` was written: a revert must not race it
         self.tunnel_ours = False  # we held the host lock: no other run can ride on the tunnel
         self.journal_failed = False  # a journal or event sink write failed while unwinding
@@ -457,7 +458,7 @@ class HostRun:
         self._note(staged=True, backup_path=backup, guard_armed=True)
         self.guard_armed = True
         self.armed_at = self.clock.now()  # before the guard starts its go deadline
-        self.guard.stage(
+        self.guard_pid = self.guard.stage(
             self.script,
             guard,
             mode=self.host.mode,
@@ -625,7 +626,7 @@ class HostRun:
         outcome = Outcome.FAILED
         if self.guard_armed:
             try:
-                self._disarm()
+                self._disarm_reaching_again()
             except DeployerError as exc:
                 self.keep_lock = True
                 self._message(f"could not disarm the guard (it gives up by itself): {exc}")
@@ -636,6 +637,15 @@ class HostRun:
                 self._message(f"could not close the allow-clientless window: {exc}")
                 outcome = Outcome.UNSAFE
         return outcome
+
+    def _disarm_reaching_again(self) -> None:
+        """Disarm; if the session was lost (cut mid-stage: the guard may or may not
+        have been started), reach the host again first rather than leave the lock."""
+        try:
+            self._disarm()
+        except SshConnectError:
+            self._reattach(within=CLEANUP_REATTACH)
+            self._disarm()
 
     def _leave_tunnel(self) -> None:
         """We connected, but never held the host lock: another run may be using
@@ -660,7 +670,9 @@ class HostRun:
         lines = self.guard.lines()
         if lines and lines[-1].get("state") in FINAL_STATES:
             return
-        if not lines or not self.guard.alive(lines[0].get("pid")):
+        # no line yet: started a moment ago (staging answered its pid), not written yet
+        pid = lines[0].get("pid") if lines else self.guard_pid
+        if not self.guard.alive(pid):
             return  # it never ran, or is gone: nothing left that could act
         self.guard.signal(REVERT, regain=False)
         if self.guard.await_final(DISARM_WAIT) not in FINAL_STATES:
@@ -684,7 +696,13 @@ class HostRun:
             if state not in (REVERTED, ABORTED):
                 # a guard that hit an error no longer reads its control files
                 alive = bool(lines) and state != ERROR and self.guard.alive(lines[0].get("pid"))
-                state = self._ask_guard_to_revert(relaunch=not alive)
+                if not alive and state != ERROR:
+                    # it may have finished (and exited) since we read its status: a
+                    # second, relaunched revert would restart the old client again
+                    # after the window closed
+                    state = self.guard.last().get("state", state)
+                if state not in FINAL_STATES:
+                    state = self._ask_guard_to_revert(relaunch=not alive)
             if state == COMMITTED:  # our commit reached the guard before the revert
                 return self._committed_after_all()
             self._shut_window()

@@ -141,19 +141,11 @@ def test_an_ssh_session_cut_mid_upload_leaves_the_installed_script_untouched(fle
     state = _wait_healthy(fleet, host, {old_sha})
     assert state["script_sha256"] == old_sha
     assert state["exposures"] == cut_upload["sim_before"]["exposures"], "the window was opened"
-    before_calls = cut_upload["sim_before"]["api_calls"]["set_allow_clientless"]
-    assert state["api_calls"]["set_allow_clientless"] == before_calls
+    # no window opened; a guard armed just before the cut and then disarmed may
+    # have closed the (closed) window once more, which changes nothing
+    assert state["allow_clientless"] is False
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: about one cut in five lands where paramiko says "Socket is closed"
-    reason=(
-        "deployer bug, SshRemote._sftp_put (deployer/remote.py): paramiko's "
-        "OSError('Socket is closed') from a session the forwarding server ended is caught "
-        "by `except OSError` and reported as RemoteCommandError 'upload to … failed: Socket "
-        "is closed', not as the lost SSH session it is"
-    ),
-)
 def test_an_ssh_session_cut_mid_upload_is_reported_as_an_ssh_failure(cut_upload):
     error = cut_upload["report"]["error"]
     assert "SSH" in error["message"], (error, cut_upload["stderr"])

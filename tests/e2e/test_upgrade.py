@@ -264,16 +264,6 @@ def test_a_failing_new_client_is_rolled_back_to_the_old_one(faults_fleet, host, 
         assert window[1] - window[0] >= online_timeout, window
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: about every other crash rollback on the fast sandbox
-    reason=(
-        "deployer bug, HostRun._revert (deployer/workflow.py): it reads the guard's status "
-        "('restored', not final yet), then finds the guard's pid gone (the guard wrote "
-        "'reverted' and exited in between) and relaunches a guard ('the guard of this run is "
-        "gone; reverting for deployer') that stops the restored old client and starts it again "
-        "after the first guard closed the window: a second restart outside the window"
-    ),
-)
 def test_a_revert_restarts_the_old_client_once_and_inside_the_window(faults_fleet):
     sb, host = faults_fleet, "sbx-01"
     before = sb.host(host)
