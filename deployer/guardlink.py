@@ -29,7 +29,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from deployer.clock import Clock
-from deployer.errors import GuardError, RemoteCommandError, SshSessionLost, VerifyError
+from deployer.errors import (
+    GuardError,
+    RemoteCommandError,
+    SshConnectError,
+    SshSessionLost,
+    VerifyError,
+)
 from deployer.hostfiles import HostPaths, LockInfo
 from deployer.remote import Channel, Remote, sh, sha256_hex
 
@@ -234,7 +240,10 @@ class GuardLink:
 
     @property
     def remote(self) -> Remote:
-        return self._remote()
+        remote = self._remote()
+        if remote is None:
+            raise SshConnectError("SSH session is not open", host=self.host)
+        return remote
 
     def _again(self, action: Callable[[], Any]) -> Any:
         try:
@@ -412,11 +421,15 @@ class GuardLink:
         again = [w for w in dict.fromkeys(self.sent) if w in RESEND]
         if again:  # regained during the swap: the words may not have reached the host
             self._write("".join(w + "\n" for w in again).encode())
+        assert self.stream is not None  # just adopted
         return self.stream
 
     def _write(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is None:
+            raise SshSessionLost("the guard's stream is closed", host=self.host)
         try:
-            self.stream.write(data)
+            stream.write(data)
         except (SshSessionLost, RemoteCommandError):
             self.close_stream()
             raise

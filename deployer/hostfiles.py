@@ -23,6 +23,7 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from deployer.errors import LockHeld, RemoteCommandError, VerifyError
 from deployer.remote import Remote, sh
@@ -85,7 +86,7 @@ class LockInfo:
         return f"held by {self.owner} (run {self.run_id}) for {max(0, now - self.since):.0f}s"
 
     @classmethod
-    def from_json(cls, data: object) -> LockInfo | None:
+    def from_json(cls, data: Any) -> LockInfo | None:
         """From the lock's owner file as parsed JSON; None if it is not one."""
         try:
             return cls(str(data["owner"]), str(data["run_id"]), float(data["since"]))

@@ -324,10 +324,13 @@ class SshRemote:
         self._sftp_put(path, data)
 
     def _sftp_put(self, path: str, data: bytes) -> None:
+        if self._conn is None:
+            raise SshConnectError("SSH session is not open", host=self.name)
         try:
             if self._sftp is None:
                 self._sftp = self._conn.sftp()
-            with self._sftp.open(path, "wb") as fh:
+            sftp = self._sftp
+            with sftp.open(path, "wb") as fh:
                 fh.set_pipelined(True)
                 fh.write(data)
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""The staged upgrade of one host (SPEC 4), as named steps.
+"""The staged upgrade of one host (docs/explanation/stages.md), as named steps.
 
 :class:`HostRun` walks the stages in order. Each stage is a method named
 after it; what must be undone is kept as plain facts on the run (tunnel
@@ -317,12 +317,12 @@ class HostRun:
 
     def _warn_kill_mode(self) -> None:
         """systemd's default KillMode ends every process of the unit on stop, the
-        client's detached tunnel too, and with it this session (SPEC 1b)."""
+        client's detached tunnel too, and with it this session (docs/how-to/services.md)."""
         svc = self.host.service
         if svc.kind != "systemd":
             return
         show = sh("systemctl", "show", "-p", "KillMode", "--value", svc.unit)
-        res = self.remote.run(show, check=False)
+        res = self._session().run(show, check=False)
         mode = res.stdout.strip()
         if res.ok and mode in ("control-group", "mixed"):
             self._message(
@@ -358,6 +358,13 @@ class HostRun:
                 self._check_abort()
             delay = min(delay * factor, cap)
 
+    def _session(self) -> Remote:
+        """The open SSH session; SshConnectError if there is none (never reached,
+        or closed after a loss that was not regained)."""
+        if self.remote is None:
+            raise SshConnectError("SSH session is not open", host=self.host.name)
+        return self.remote
+
     def _regain(self) -> None:
         """The session died after the swap: the old client's stop ended the tunnel
         process it rode on (systemd's default KillMode kills the whole cgroup).
@@ -372,12 +379,12 @@ class HostRun:
         """Run an idempotent command; during the swap, reach the host again once
         if the session was lost under it."""
         try:
-            return self.remote.run(command, **kwargs)
+            return self._session().run(command, **kwargs)
         except SshSessionLost:
             if self.step_name not in SWAP_STEPS:
                 raise
             self._regain()
-            return self.remote.run(command, **kwargs)
+            return self._session().run(command, **kwargs)
 
     def _lock(self) -> None:
         """Take the host lock and, in the same round trip, look at the installed
@@ -412,7 +419,7 @@ class HostRun:
             self._pick_backup()
         self._note(old_sha256=self.old_sha, new_sha256=self.new_sha)
         if self.ctx.options.dry_run:
-            if read_lock(self.remote, self.paths) is not None:
+            if read_lock(self._session(), self.paths) is not None:
                 self._leave_tunnel_to_the_lock_holder()  # a run is in progress there
             else:
                 self.tunnel_ours = True  # no run holds the host: nobody else rides on it
@@ -422,8 +429,8 @@ class HostRun:
 
     def _pick_backup(self) -> None:
         """rollback: the newest backup that differs from the installed script."""
-        for path in reversed(list_backups(self.remote, self.paths)):
-            data = read_file(self.remote, path)
+        for path in reversed(list_backups(self._session(), self.paths)):
+            data = read_file(self._session(), path)
             if sha256_hex(data) != self.old_sha:
                 self.script, self.new_sha = data, sha256_hex(data)
                 return
@@ -435,7 +442,7 @@ class HostRun:
         )
 
     def _diff(self) -> str:
-        old = "" if self.old_sha is None else read_file(self.remote, self.paths.script_path)
+        old = b"" if self.old_sha is None else read_file(self._session(), self.paths.script_path)
         old_text = old.decode("utf-8", "replace") if old else ""
         new_text = (self.script or b"").decode("utf-8", "replace")
         lines = difflib.unified_diff(
@@ -458,6 +465,7 @@ class HostRun:
         self._note(staged=True, backup_path=backup, guard_armed=True)
         self.guard_armed = True
         self.armed_at = self.clock.now()  # before the guard starts its go deadline
+        assert self.script is not None  # rendered at plan, or the backup picked at inspect
         self.guard_pid = self.guard.stage(
             self.script,
             guard,
@@ -739,7 +747,7 @@ class HostRun:
         return Outcome.FAILED
 
     def _installed(self) -> str | None:
-        return remote_sha256(self.remote, self.paths.script_path)
+        return remote_sha256(self._session(), self.paths.script_path)
 
     def _ask_guard_to_revert(self, relaunch: bool = False) -> str:
         if self.window_open_since is None:
