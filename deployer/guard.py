@@ -678,7 +678,9 @@ def link_stage(args, inp):
         )
         if proc.returncode != 0:
             out = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
-            answer(error="validate", exit=proc.returncode, output=out[-300:])
+            # deployer masks credentials and then keeps the last 300 characters: send
+            # more, so a credential is never cut in two before it is masked
+            answer(error="validate", exit=proc.returncode, output=out[-4000:])
             return 1
     answer(staged=True)
     proc = subprocess.run(

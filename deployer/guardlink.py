@@ -166,6 +166,7 @@ LINK_BOOT = (
 )
 ANSWER_WAIT = 60.0  # seconds for a link task's answer (lock, inspect, cleanup)
 STAGE_WAIT = 120.0  # seconds for the staged files to be written, checked and validated
+OUTPUT_TAIL = 300  # characters of a failing command's output shown (after masking)
 ARM_WAIT = 30.0  # seconds for the guard to start armed
 BEAT = 1.0  # seconds between deployer's signs of life on the guard's stream
 LOOK = 0.25  # longest blocking read of the stream (deadlines and aborts are checked between)
@@ -227,9 +228,11 @@ class GuardLink:
         regain: Callable[[SshSessionLost], None],
         clock: Clock,
         host: str,
+        mask: Callable[[str], str] = str,
     ):
         self.paths, self.python, self.clock, self.host = paths, python, clock, host
         self._remote, self._regain = remote, regain
+        self._mask = mask  # credentials out of command output, before it is cut
         self.stream: Channel | None = None
         self._stream_remote: Remote | None = None
         self.seen: list[dict] = []  # the status lines read on the current stream
@@ -353,9 +356,11 @@ class GuardLink:
                 host=self.host,
             )
         if error == "validate":
+            # masked whole, then cut: a cut first could leave part of a credential
+            output = self._mask(str(answer.get("output", "")))[-OUTPUT_TAIL:]
             raise VerifyError(
                 f"validate command failed (exit {answer.get('exit')}) on the staged script: "
-                f"{answer.get('output', '')}",
+                f"{output}",
                 host=self.host,
             )
         if error or not answer.get("staged"):

@@ -158,6 +158,7 @@ class HostRun:
             regain=self._regain_for_guard,
             clock=self.clock,
             host=self.host.name,
+            mask=lambda text: scrub(text, self.ctx.inventory.secret_values()),
         )
 
     # -- the run ------------------------------------------------------------------

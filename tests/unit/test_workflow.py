@@ -933,3 +933,21 @@ def test_the_opening_budget_leaves_room_for_a_request_with_small_timings(site):
     res = site.run(release="2")
     assert res.result is Outcome.UPGRADED, res.error
     assert site.api.within[0] > 5.0 + 5.0  # room for the limiter and one full request
+
+
+def test_a_failing_validate_never_shows_part_of_a_credential(tmp_path):
+    """The output is cut to its last 300 characters: cut before masking, a
+    credential straddling the cut would show its tail (issue 11, item 5)."""
+    validate = "printf '%s' {{ dbid | quote }}; printf 'x%.0s' $(seq 290); exit 1"
+    reaper = ProcessReaper(tmp_path)
+    try:
+        site = Site(tmp_path, validate=validate)
+        res = site.run(release="2")
+        assert res.result is Outcome.FAILED
+        assert "validate command failed" in res.error.message
+        # masked whole ("…" and the last 4 characters, as everywhere), then cut
+        for fragment in ("CRET", "T-2222", "DBID-"):
+            assert fragment not in res.error.message, res.error.message
+        assert "…2222" + "x" * 100 in res.error.message
+    finally:
+        reaper.kill_all()
