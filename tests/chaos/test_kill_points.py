@@ -77,9 +77,14 @@ def unattended(fleet) -> dict[str, KillOutcome]:
     return outcomes
 
 
+# The swap is one word on the guard's stream: the kill aimed at it, sent when the
+# journal shows the step, may land in first_life, the next step inside the window.
+LANDS_IN = {"swap": {"swap", "first_life"}}
+
+
 def _assert_killed_in(outcome: KillOutcome, stage: str) -> None:
     assert outcome.killed, f"the run ended before {stage}: {outcome}"
-    assert outcome.killed_in == stage, outcome
+    assert outcome.killed_in in LANDS_IN.get(stage, {stage}), outcome
 
 
 @pytest.mark.parametrize("stage", WITHOUT_RECOVER)
