@@ -5,7 +5,7 @@ Each kill point: a random stage (tunnel … cleanup) and a random delay inside
 it; deployer runs as a subprocess, the stage is found from the journal's
 ``begin`` record, the kill is SIGKILL to deployer alone (the guard runs
 detached on the "host" and must survive). Then, judged from outside (the
-simulator's ``/sandbox/state`` and the host's files, see :mod:`tests.chaos`):
+simulator's ``/sandbox/state`` and the host's files, see :mod:`tests.chaos.harness`):
 
 - **without recover**: watched until *settled* — window closed, every
   exposure closed, a client online whose file and last poll are the old or
@@ -31,7 +31,7 @@ as ``lock_left_after_recover`` and then removed, so the host stays usable.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/chaos.py --runs 100 --hosts 6
+    .venv/bin/python -m benchmarks.chaos --runs 100 --hosts 6
 """
 
 from __future__ import annotations
@@ -49,11 +49,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.chaos
-
-from deployer.sandbox import fleet as sandbox_fleet  # noqa: E402
-from deployer.sandbox.fleet import TIMINGS  # noqa: E402
-from tests.chaos import (  # noqa: E402
+from deployer.sandbox import fleet as sandbox_fleet
+from deployer.sandbox.fleet import TIMINGS
+from tests.chaos.harness import (
     FINAL_RESULTS,
     KILL_STAGES,
     FleetHandle,

@@ -25,7 +25,7 @@ Upgrades every host of a sandbox (default 20 hosts, one at a time, profile
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/exposure.py [--hosts 20] [--profile fast|real]
+    .venv/bin/python -m benchmarks.exposure [--hosts 20] [--profile fast|real]
         [--latency 0.02] [--ssh-latency 0] [--silent 1]
 """
 
@@ -45,9 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.chaos
-
-from tests.chaos import client_runs  # noqa: E402
+from tests.chaos.harness import client_runs
 
 WINDOW_STEPS = ("open_window", "swap", "first_life", "close_window")
 EXPOSURE_TARGET = 0.3  # seconds beyond the client's own start
@@ -219,7 +217,7 @@ def client_timings(info: Any, watch: GuardWatch, host: str, new_sha: str) -> dic
 
 def silent_upgrade(info: Any, host: str) -> dict[str, Any]:
     """Upgrade ``host`` to a release that never polls; what the simulator saw."""
-    from fleet import run_deployer
+    from benchmarks.fleet import run_deployer
 
     client = info.client
     before = client.host(host)
@@ -268,7 +266,7 @@ def _median_of(timings: dict[str, dict[str, Any]], key: str) -> float | None:
 
 
 def window_steps(hosts: list[dict[str, Any]]) -> dict[str, float | None]:
-    from fleet import rounded
+    from benchmarks.fleet import rounded
 
     steps = [s for h in hosts for s in h.get("steps", [])]
     return {
@@ -294,7 +292,13 @@ def start_sandbox(opts: argparse.Namespace, root: Path) -> Any:
 
 
 def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from fleet import api_calls_per_host, closed_exposures, percentile, rounded, run_deployer
+    from benchmarks.fleet import (
+        api_calls_per_host,
+        closed_exposures,
+        percentile,
+        rounded,
+        run_deployer,
+    )
 
     info = start_sandbox(opts, root)
     names = list(info.hosts)
@@ -413,5 +417,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -15,7 +15,7 @@ tunnel cuts, the deployer process's peak RSS, and where the time went
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/fleet.py --hosts 200 --parallel 50 [--profile fast|real]
+    .venv/bin/python -m benchmarks.fleet --hosts 200 --parallel 50 [--profile fast|real]
         [--ssh-latency S]
 
 The sandbox is started in a temporary directory and stopped at the end.
@@ -239,7 +239,7 @@ def stable_for_of(inventory: Path) -> float:
 
 
 def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from exposure import client_start_seconds
+    from benchmarks.exposure import client_start_seconds
 
     started = time.monotonic()
     latency = opts.latency
@@ -461,5 +461,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

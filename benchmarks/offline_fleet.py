@@ -29,7 +29,7 @@ Prints one JSON document:
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/offline_fleet.py [--hosts 50] [--offline 20] \\
+    .venv/bin/python -m benchmarks.offline_fleet [--hosts 50] [--offline 20] \\
         [--window 120] [--flapping 5] [--parallel 10] [--profile real] [--seed 15]
 """
 
@@ -47,8 +47,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BLIP_SECONDS = 3.0  # a flapping client's short stay: less than offline detection + a poll
 EXIT_OFFLINE = 4

@@ -27,7 +27,7 @@ Targets (issue 12): <= 6 round trips, <= 30 processes, deployer CPU <= 0.05 s.
 Usage (from the repository root; strace must be installed, and allowed to
 attach: run as root or with ptrace permitted)::
 
-    .venv/bin/python benchmarks/roundtrips.py [--hosts 1] [--profile fast|real]
+    .venv/bin/python -m benchmarks.roundtrips [--hosts 1] [--profile fast|real]
         [--ssh-latency 0] [--sshd embedded|openssh] [--release 2]
 """
 
@@ -48,8 +48,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGETS = {"round_trips": 6, "processes": 30, "deployer_cpu_seconds": 0.05}
 SAMPLE_EVERY = 0.02  # seconds between the sampler's looks at /proc

@@ -14,7 +14,7 @@
    session runs a command while all are open; plus raw TCP connections
    through N tunnels reading the SSH banner.
 
-    .venv/bin/python benchmarks/simulator.py [--seconds 5] [--workers 3]
+    .venv/bin/python -m benchmarks.simulator [--seconds 5] [--workers 3]
         [--tunnels 200,400] [--raw-tunnels 500]
 
 Not a test: it asserts nothing, it reports. Target on 2 cores: >= 1000

@@ -3,7 +3,7 @@
 The stage is found from the journal (the step's ``begin`` record, written
 before the step acts), never by sleeping. After the kill the host is judged
 from outside: the simulator's ``/sandbox/state`` and the host's files (see
-:mod:`tests.chaos`).
+:mod:`tests.chaos.harness`).
 
 (a) without ``recover``: by the guard's deadline (plus a margin for its
     revert) the window is closed and a client runs a complete script;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos import (
+from tests.chaos.harness import (
     FINAL_RESULTS,
     KILL_STAGES,
     FleetHandle,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import (
+from tests.chaos.harness import (
     UpgradeProcess,
     host_dir,
     lock_held,

@@ -26,7 +26,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from deployer.sandbox import processes
-from tests.chaos import ClientRun, client_runs
+from tests.chaos.harness import ClientRun, client_runs
 from tests.sandbox_fixture import Sandbox, requires_openssh, write_private
 from tests.spec import SPEC_STEPS
 
