@@ -20,14 +20,13 @@ from typing import IO, TYPE_CHECKING, Any
 from deployer.clock import Clock
 from deployer.events import EventSink
 from deployer.parking import WAIT_STEP
-from deployer.result import HostResult, Outcome
+from deployer.result import FAILURE_OUTCOMES, NOT_RUN_OUTCOMES, HostResult, Outcome
 from deployer.secrets import scrub
 
 if TYPE_CHECKING:  # rich is imported when the display starts, not at import
     from rich.console import Group, RenderableType
     from rich.live import Live
 
-FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
 STARTING_STAGE = "starting"
 LIVE_REFRESH_PER_SECOND = 4
 BAR_WIDTH = 30
@@ -395,7 +394,7 @@ class LiveProgress(EventSink):
                 return
         self._refresh()
         failed = result.result in FAILURE_OUTCOMES
-        not_run = result.result in (Outcome.SKIPPED, Outcome.OFFLINE)
+        not_run = result.result in NOT_RUN_OUTCOMES
         style = "red" if failed else ("yellow" if not_run else None)
         self._print(host_line(result), style)
 

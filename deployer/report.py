@@ -23,13 +23,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from deployer.result import HostResult, Outcome, RunResult, iso
+from deployer.result import (
+    FAILURE_OUTCOMES,
+    NOT_RUN_OUTCOMES,
+    HostResult,
+    Outcome,
+    RunResult,
+    iso,
+)
 from deployer.secrets import scrub
 
-#: JUnit mapping: these results are <failure>, JUNIT_SKIPPED <skipped>, the rest pass
-JUNIT_FAILURES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
-#: not run: stopped first, or (``--wait-offline``) its client never came back
-JUNIT_SKIPPED = frozenset({Outcome.SKIPPED, Outcome.OFFLINE})
 TABLE_COLUMNS = ("HOST", "RESULT", "EXPOSURE s", "API CALLS", "DURATION s", "ERROR")
 MAX_ERROR_WIDTH = 80
 REPORT_FILE_MODE = 0o600
@@ -145,17 +148,18 @@ def to_junit_xml(
     command: str = "upgrade",
     secrets: Iterable[str] = (),
 ) -> str:
-    """One ``<testcase>`` per host; rolled_back/failed/unsafe fail, skipped is skipped."""
+    """One ``<testcase>`` per host: a ``FAILURE_OUTCOMES`` result is a ``<failure>``, a
+    ``NOT_RUN_OUTCOMES`` one ``<skipped>``, the rest (``SUCCESS_OUTCOMES``) pass."""
     secrets = list(secrets)
     summary = run.summary()
-    failures = sum(summary[o.value] for o in JUNIT_FAILURES)
+    failures = sum(summary[o.value] for o in FAILURE_OUTCOMES)
     duration = (run.finished or run.started) - run.started
     attrs = {
         "name": suite_name,
         "tests": str(len(run.hosts)),
         "failures": str(failures),
         "errors": "0",
-        "skipped": str(sum(summary[o.value] for o in JUNIT_SKIPPED)),
+        "skipped": str(sum(summary[o.value] for o in NOT_RUN_OUTCOMES)),
         "time": f"{max(duration, 0.0):.3f}",
         "timestamp": iso(run.started) or "",
     }
@@ -181,12 +185,12 @@ def _junit_case(suite: ET.Element, host: HostResult, classname: str, secrets: li
     def clean(text: str) -> str:
         return _xml_safe(scrub(text, secrets))
 
-    if host.result in JUNIT_FAILURES:
+    if host.result in FAILURE_OUTCOMES:
         kind = host.error.type if host.error else host.result.value
         message = f"{host.result.value}: {one_line(error_text(host), 400) or 'no error recorded'}"
         failure = ET.SubElement(case, "failure", {"message": clean(message), "type": clean(kind)})
         failure.text = clean(_failure_details(host))
-    elif host.result in JUNIT_SKIPPED:
+    elif host.result in NOT_RUN_OUTCOMES:
         reason = host.error.message if host.error else "not started"
         if host.result is Outcome.OFFLINE:
             reason = f"offline: {reason}"

@@ -36,7 +36,18 @@ class Outcome(str, Enum):
         return self.value
 
 
+# The groups of results: every module that sorts results by kind imports these, so
+# that the report, the exit status, the failure budget and the live view agree.
+# Each result is in exactly one of the three (tests/unit/test_result_contract.py).
+
+#: success: the run's ``ok``, exit 0, a canary wave passes, no error recorded;
+#: JUnit passes them and ``deployer history`` counts them without naming hosts
 SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANNED})
+#: failure: counted against ``--max-failures``, a JUnit ``<failure>``, red on the live view
+FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
+#: not run: stopped first (``skipped``) or its client never came back (``offline``);
+#: a JUnit ``<skipped>``, not counted against the failure budget
+NOT_RUN_OUTCOMES = frozenset({Outcome.SKIPPED, Outcome.OFFLINE})
 OUTCOME_ORDER = [o.value for o in Outcome]
 
 

@@ -72,15 +72,18 @@ from deployer.errors import UsageError
 from deployer.events import EventSink
 from deployer.model import HostConfig
 from deployer.parking import WAIT_STEP, ParkedHost, Parking, WaitPolicy, Watcher
-from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
+from deployer.result import (
+    FAILURE_OUTCOMES,
+    SUCCESS_OUTCOMES,
+    ErrorInfo,
+    HostResult,
+    Outcome,
+    StepRecord,
+)
 from deployer.secrets import scrub
 
 log = logging.getLogger(__name__)
 
-#: results that count against the failure budget (``skipped`` does not)
-FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAFE})
-#: results that let a canary wave pass (and prove the account is right)
-SUCCESS_OUTCOMES = frozenset({Outcome.UPGRADED, Outcome.UNCHANGED, Outcome.PLANNED})
 #: API codes that stop the whole run whatever else happened (docs/reference/api-codes.md: 21 invalid
 #: call; 32 invalid api key, the account's own key)
 RUN_STOPPING_CODES = frozenset({21, 32})

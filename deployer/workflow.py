@@ -73,7 +73,7 @@ from deployer.hostfiles import (
 from deployer.model import HostConfig, Inventory
 from deployer.plan import HostPlan
 from deployer.remote import CommandResult, Remote, sh, sha256_hex
-from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
+from deployer.result import SUCCESS_OUTCOMES, ErrorInfo, HostResult, Outcome, StepRecord
 from deployer.retry import HARD_RETRY
 from deployer.secrets import scrub
 
@@ -205,7 +205,7 @@ class HostRun:
             api_calls=self.api.calls_for(self.host.name),
             duration_seconds=self.clock.now() - started,
             steps=self.steps,
-            error=None if outcome in (Outcome.UPGRADED, Outcome.UNCHANGED) else error,
+            error=None if outcome in SUCCESS_OUTCOMES else error,
             diff=self.diff,
             installed_mode=self.installed_mode,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +19,20 @@ from deployer.errors import (
     EXIT_UNSAFE,
     ClientBlocked,
 )
-from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord
+from deployer.result import (
+    FAILURE_OUTCOMES,
+    NOT_RUN_OUTCOMES,
+    SUCCESS_OUTCOMES,
+    ErrorInfo,
+    HostResult,
+    Outcome,
+    RunResult,
+    StepRecord,
+)
 
 pytestmark = pytest.mark.unit
+
+REPORT_DOC = Path(__file__).resolve().parents[2] / "docs" / "reference" / "report.md"
 
 RUN_KEYS = {"run_id", "started", "finished", "ok", "hosts", "summary"}
 HOST_KEYS = {
@@ -193,3 +205,41 @@ def test_unfinished_run_has_null_finished():
 def test_dry_run_diff_is_not_part_of_the_contract():
     host = HostResult("pi-01", Outcome.PLANNED, diff="--- a\n+++ b\n")
     assert set(document([host])["hosts"][0]) == HOST_KEYS
+
+
+# --- the groups of results: one definition, and the docs say the same ----------------
+
+
+def doc_table(heading: str) -> list[list[str]]:
+    """The rows (cells, backticks dropped) of the first table under ``heading``."""
+    lines = REPORT_DOC.read_text(encoding="utf-8").splitlines()
+    start = lines.index(heading) + 1
+    rows: list[list[str]] = []
+    for line in lines[start:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|"):
+            rows.append([c.strip().replace("`", "") for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # past the header and its |---| line
+
+
+def test_every_result_is_in_exactly_one_group():
+    groups = [SUCCESS_OUTCOMES, FAILURE_OUTCOMES, NOT_RUN_OUTCOMES]
+    assert sorted(o.value for g in groups for o in g) == sorted(o.value for o in Outcome)
+
+
+def test_the_docs_results_table_agrees_with_the_groups():
+    rows = doc_table("### Results")
+    assert {row[0] for row in rows} == set(RESULTS)
+    failure = {row[0] for row in rows if row[2] == "yes"}
+    not_run = {row[0] for row in rows if "JUnit: skipped" in row[2]}
+    assert failure == {o.value for o in FAILURE_OUTCOMES}
+    assert not_run == {o.value for o in NOT_RUN_OUTCOMES}
+
+
+def test_only_the_success_group_makes_a_run_ok():
+    for outcome in Outcome:
+        run = RunResult("r", 0.0, 1.0, [HostResult("h", outcome)])
+        assert run.ok is (outcome in SUCCESS_OUTCOMES)
