@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sqlite3
 import stat
 import threading
@@ -52,7 +51,7 @@ from typing import Any
 from deployer.clock import Clock
 from deployer.errors import JournalError
 from deployer.events import EventSink
-from deployer.pids import pid_alive
+from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.result import HostResult, iso
 from deployer.secrets import scrub
 
@@ -164,35 +163,6 @@ class DanglingHost:
 
 def journal_path(state_dir: Path) -> Path:
     return Path(state_dir) / JOURNAL_FILENAME
-
-
-def machine_name() -> str:
-    return socket.gethostname()
-
-
-def process_start_token(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22 (starttime); the command name in field 2 may hold spaces.
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def process_is_live(machine: str, pid: int, pid_start: str | None = None) -> bool:
-    """Is ``pid`` alive on this machine (and the same process that was recorded)?
-
-    A run recorded on another machine cannot be checked and counts as not live.
-    """
-    if machine != machine_name() or not pid_alive(pid):
-        return False  # another machine, gone, or killed and not yet reaped
-    if pid_start is not None:
-        current = process_start_token(pid)
-        if current is not None and current != pid_start:
-            return False  # the pid was reused by another process
-    return True
 
 
 def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:

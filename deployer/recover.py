@@ -60,8 +60,8 @@ from deployer.clock import Clock
 from deployer.errors import ApiError, RemoteError, SshConnectError
 from deployer.events import EventSink, Fanout
 from deployer.hostfiles import HostPaths, release_lock, remote_sha256
-from deployer.journal import machine_name, process_is_live, process_start_token
 from deployer.model import HostConfig, Inventory
+from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.plan import HostPlan, plan_host, revert_online_wait
 from deployer.remote import Remote, sh
 from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord

@@ -23,11 +23,9 @@ from deployer.journal import (
     Journal,
     JournalSink,
     journal_path,
-    machine_name,
     migrate,
-    process_is_live,
-    process_start_token,
 )
+from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
 
 pytestmark = pytest.mark.unit
