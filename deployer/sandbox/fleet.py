@@ -594,6 +594,7 @@ def inventory_text(
             "release": "1",
             "sandbox_fail": "",
             "sandbox_die_after": "3",
+            "sandbox_slow_stop": "5",
         },
     }
     service = {

@@ -659,6 +659,20 @@ def test_sandbox_die_after_polls_then_exits_4(world):
 
 
 @unit
+def test_sandbox_slow_stop_goes_on_after_sigterm_then_exits_0(world):
+    world.render("sandbox-client.py.j2", sandbox_fail="slow-stop", sandbox_slow_stop="2")
+    client = world.start()
+    wait_for(lambda: world.server.polls() >= 1)
+    client.send_signal(signal.SIGTERM)
+    wait_for(lambda: "rehearsal fault slow-stop: exiting in 2.0 s" in world.log())
+    client.send_signal(signal.SIGTERM)  # deaf to a second one
+    polls = world.server.polls()
+    time.sleep(1.0)
+    assert client.poll() is None and world.server.polls() == polls
+    assert client.wait(timeout=10) == 0
+
+
+@unit
 def test_sandbox_healthy_is_the_production_client(world):
     world.render("sandbox-client.py.j2", sandbox_fail="")
     client = world.start()
