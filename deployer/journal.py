@@ -52,7 +52,7 @@ from deployer.clock import Clock
 from deployer.errors import JournalError
 from deployer.events import EventSink
 from deployer.pids import machine_name, process_is_live, process_start_token
-from deployer.result import HostResult, iso
+from deployer.result import HostResult
 from deployer.secrets import scrub
 
 log = logging.getLogger("deployer.journal")
@@ -729,23 +729,6 @@ class Journal:
             entry.update(status=row["status"], seconds=row["seconds"], ended=row["at"])
         return out
 
-    def history(self, host: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-        """Past runs, newest first, as JSON-ready dicts (``deployer history --json``).
-
-        Each run carries ``status`` (finished | running | unfinished: stopped
-        without finishing, see ``deployer recover``) and its hosts' results.
-        With ``host``: only the runs that touched it, only that host, with its steps.
-        """
-        out = []
-        for run in self.runs(host=host, limit=limit):
-            hosts = self.host_results(run.run_id)
-            if host is not None:
-                hosts = [h for h in hosts if h["host"] == host]
-                for entry in hosts:
-                    entry["steps"] = self.steps(run.run_id, host)
-            out.append(_history_entry(run, hosts))
-        return out
-
 
 class JournalSink(EventSink):
     """Feeds the workflow's events into a :class:`Journal` for one run.
@@ -789,50 +772,6 @@ class JournalSink(EventSink):
                 "waiting_seconds": round(result.waiting_seconds, 3),
             },
         )
-
-
-def _history_entry(run: RunRecord, hosts: list[dict[str, Any]]) -> dict[str, Any]:
-    if run.finished is not None:
-        status = "finished"
-    else:
-        status = "running" if run.is_live() else "unfinished"
-    return {
-        "run_id": run.run_id,
-        "command": run.command,
-        "inventory": run.inventory,
-        "status": status,
-        "started": iso(run.started),
-        "finished": iso(run.finished),
-        "ok": run.ok,
-        "interrupted": run.interrupted,
-        "machine": run.machine,
-        "pid": run.pid,
-        "hosts": [_history_host(h) for h in hosts],
-    }
-
-
-def _history_host(entry: dict[str, Any]) -> dict[str, Any]:
-    facts = entry["facts"]
-    out = {
-        "host": entry["host"],
-        "result": entry["result"],
-        "started": iso(entry["started"]),
-        "finished": iso(entry["finished"]),
-        "old_sha256": facts.get("old_sha256"),
-        "new_sha256": facts.get("new_sha256"),
-        "error": entry["error"],
-    }
-    if "steps" in entry:
-        out["steps"] = [
-            {
-                "step": s["step"],
-                "status": s["status"],
-                "seconds": None if s["seconds"] is None else round(s["seconds"], 3),
-                "began": iso(s["began"]),
-            }
-            for s in entry["steps"]
-        ]
-    return out
 
 
 def _loads(raw: str | None) -> Any:

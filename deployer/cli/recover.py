@@ -8,12 +8,8 @@ from typing import Any
 
 import click
 
+from deployer.history import host_history, past_runs, runs_table
 from deployer.journal import Journal, journal_path
-from deployer.result import SUCCESS_OUTCOMES
-
-# Successful results are counted; others name their hosts, up to this many.
-NAMED_HOSTS_PER_RESULT = 3
-_SUCCESS = {o.value for o in SUCCESS_OUTCOMES}
 
 
 @click.command()
@@ -38,15 +34,15 @@ def history(obj: Any, host: str | None, as_json: bool, limit: int) -> None:
     runs: list[dict[str, Any]] = []
     if journal_path(state_dir).exists():
         with Journal(state_dir) as journal:
-            runs = journal.history(host=host, limit=limit)
+            runs = past_runs(journal, host=host, limit=limit)
     if as_json:
         click.echo(json.dumps(runs, indent=2))
     elif not runs:
         click.echo(_nothing_recorded(obj, state_dir, host))
     elif host is None:
-        click.echo(_runs_table(runs))
+        click.echo(runs_table(runs))
     else:
-        click.echo(_host_history(runs))
+        click.echo(host_history(runs))
     if as_json and not runs:
         click.echo(_nothing_recorded(obj, state_dir, host), err=True)
 
@@ -62,93 +58,6 @@ def _nothing_recorded(obj: Any, state_dir: Path, host: str | None) -> str:
             " pass -i INVENTORY or --state-dir DIR)"
         )
     return text
-
-
-def _when(iso_time: str | None) -> str:
-    return "-" if iso_time is None else iso_time.replace("T", " ").replace("+00:00", "Z")
-
-
-def _ok(run: dict[str, Any]) -> str:
-    if run["status"] != "finished":
-        return run["status"]
-    label = "yes" if run["ok"] else "no"
-    return label + (" (interrupted)" if run["interrupted"] else "")
-
-
-def _pending(run: dict[str, Any]) -> str:
-    """How a host without a result reads: still running, or left unfinished."""
-    return "running" if run["status"] == "running" else "unfinished"
-
-
-def _hosts_summary(run: dict[str, Any]) -> str:
-    by_result: dict[str, list[str]] = {}
-    for h in run["hosts"]:
-        by_result.setdefault(h["result"] or _pending(run), []).append(h["host"])
-    parts = []
-    for result, names in by_result.items():
-        part = f"{len(names)} {result}"
-        if result not in _SUCCESS:
-            shown = names[:NAMED_HOSTS_PER_RESULT]
-            more = ", …" if len(names) > len(shown) else ""
-            part += f" ({', '.join(shown)}{more})"
-        parts.append(part)
-    return ", ".join(parts) or "no host started"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def _runs_table(runs: list[dict[str, Any]]) -> str:
-    rows = [["RUN", "COMMAND", "STARTED", "FINISHED", "OK", "HOSTS"]]
-    for run in runs:
-        rows.append(
-            [
-                run["run_id"],
-                run["command"],
-                _when(run["started"]),
-                _when(run["finished"]),
-                _ok(run),
-                _hosts_summary(run),
-            ]
-        )
-    return _table(rows)
-
-
-def _host_history(runs: list[dict[str, Any]]) -> str:
-    blocks = []
-    for run in runs:
-        lines = [
-            f"{run['run_id']}  {run['command']}  started {_when(run['started'])}"
-            f"  finished {_when(run['finished'])}  ok: {_ok(run)}"
-        ]
-        for h in run["hosts"]:
-            lines.append("  " + _host_line(h, _pending(run)))
-            rows = [
-                [s["step"], s["status"], "-" if s["seconds"] is None else f"{s['seconds']:.2f}s"]
-                for s in h.get("steps", [])
-            ]
-            if rows:
-                lines.extend("    " + line for line in _table(rows).splitlines())
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def _host_line(h: dict[str, Any], pending: str) -> str:
-    line = f"{h['host']}: {h['result'] or pending}"
-    if h["old_sha256"] or h["new_sha256"]:
-        old, new = (h[k][:12] if h[k] else "-" for k in ("old_sha256", "new_sha256"))
-        line += f"  sha256 {old} -> {new}"
-    error = h["error"]
-    if error:
-        where = f" at {error['step']}" if error.get("step") else ""
-        line += f"  error: {error.get('type')}{where}: {error.get('message')}"
-    return line
 
 
 @click.command()
