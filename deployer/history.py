@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deployer.columns import align
 from deployer.journal import Journal, RunRecord
 from deployer.result import SUCCESS_OUTCOMES, iso
 
@@ -112,15 +113,6 @@ def _hosts_summary(run: dict[str, Any]) -> str:
     return ", ".join(parts) or "no host started"
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
 def runs_table(runs: list[dict[str, Any]]) -> str:
     rows = [["RUN", "COMMAND", "STARTED", "FINISHED", "OK", "HOSTS"]]
     for run in runs:
@@ -134,7 +126,7 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
                 _hosts_summary(run),
             ]
         )
-    return _table(rows)
+    return "\n".join(align(rows))
 
 
 def host_history(runs: list[dict[str, Any]]) -> str:
@@ -151,7 +143,7 @@ def host_history(runs: list[dict[str, Any]]) -> str:
                 for s in h.get("steps", [])
             ]
             if rows:
-                lines.extend("    " + line for line in _table(rows).splitlines())
+                lines.extend("    " + line for line in align(rows))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
