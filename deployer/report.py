@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from deployer.columns import align
 from deployer.result import (
     FAILURE_OUTCOMES,
     NOT_RUN_OUTCOMES,
@@ -67,14 +68,7 @@ def render_table(run: RunResult, secrets: Iterable[str] = ()) -> str:
     """A fixed-width summary table, one row per host, then a counts line."""
     secrets = list(secrets)
     rows = [TABLE_COLUMNS] + [_table_row(h, secrets) for h in run.hosts]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS) - 1)]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
-        ]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    lines = align(rows, right_from=2)
     lines.append(summary_line(run))
     lines += [scrub(w, secrets) for w in (mode_warning(h) for h in run.hosts) if w]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ import json
 
 import click
 
+from deployer.columns import align
+
 COLUMNS = (
     ("HOST", "host"),
     ("GROUPS", "groups"),
@@ -39,11 +41,7 @@ def format_table(rows: list[dict]) -> str:
     cells = [[title for title, _ in COLUMNS]]
     for row in rows:
         cells.append([_cell(row[key]) for _, key in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
-    ]
-    return "\n".join(lines)
+    return "\n".join(align(cells))
 
 
 def _cell(value: object) -> str:

@@ -11,6 +11,8 @@ import json
 
 import click
 
+from deployer.columns import align
+
 COLUMNS = ("HOST", "ONLINE", "ERROR_CODE", "DETAIL")
 
 
@@ -49,10 +51,7 @@ def format_table(statuses) -> str:
     for s in statuses:
         code = "-" if s.error_code is None else str(s.error_code)
         cells.append([s.host, "yes" if s.online else "no", code, _detail(s)])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
+    return "\n".join(align(cells))
 
 
 def _detail(s) -> str:
