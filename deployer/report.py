@@ -13,17 +13,16 @@ credential, but they map the fleet.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from deployer.columns import align
+from deployer.files import atomic_write
 from deployer.result import (
     FAILURE_OUTCOMES,
     NOT_RUN_OUTCOMES,
@@ -248,13 +247,4 @@ def _write_text(text: str, target: str | os.PathLike | IO[str]) -> None:
         return
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, REPORT_FILE_MODE)  # no credential, but a map of the fleet
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text, mode=REPORT_FILE_MODE)  # no credential, but a map of the fleet

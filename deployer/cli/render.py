@@ -9,7 +9,6 @@ its sha256 and path, like ``sha256sum``: the hash to pin with ``--expect-sha256`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -74,16 +73,11 @@ def _script(inventory, host, template: Path | None):
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600 (it holds credentials)."""
     from deployer.errors import UsageError
+    from deployer.files import atomic_write
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        atomic_write(path, data, mode=0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(
             f"--output {path}: cannot write ({exc.strerror}); pick a writable path"
         ) from None

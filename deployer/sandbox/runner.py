@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from deployer.files import UMASK, atomic_write
 from deployer.sandbox import ports
 from deployer.sandbox.simulator import Faults, HostSpec, Simulator
 
@@ -47,12 +48,6 @@ def _raise_fd_limit() -> None:
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = 65536 if hard == resource.RLIM_INFINITY else hard
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class World:
@@ -218,7 +213,7 @@ def run(root: Path) -> int:
     try:
         world.start()
         info = world.info()
-        _write_json(root / RUNNER_FILE, info)
+        atomic_write(root / RUNNER_FILE, json.dumps(info, indent=2) + "\n", mode=UMASK)
         log.info(
             "simulator on %s, %s forwarding server on port %s, %d host SSH servers",
             info["base_url"],
