@@ -66,6 +66,7 @@ from deployer.sandbox.runner import (
 )
 from deployer.sandbox.simulator import DEFAULT_RATE_LIMIT
 from deployer.sandbox.sshd import session_env
+from deployer.sandbox.toml_out import toml_table
 
 DEFAULT_DIR = ".sandbox"
 SSHD_KINDS = ("embedded", "openssh")
@@ -539,25 +540,6 @@ def _runner_ports(runner: dict[str, Any]) -> list[int]:
 # --- the inventory and sandbox.json --------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict) and not value:
-        return "{}"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
-
-
-def _table(name: str, values: dict[str, Any]) -> str:
-    lines = [f"[{name}]"] + [f"{key} = {_toml(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 def inventory_text(
     root: Path, config: dict[str, Any], runner: dict[str, Any], profile: SandboxProfile
 ) -> str:
@@ -606,10 +588,10 @@ def inventory_text(
     parts = [
         f"# The sandbox fleet in {root}, written by `deployer sandbox up` (profile {t.name}).\n"
         "# Its credentials are random and only valid for this sandbox's simulator.\n",
-        _table("provider", provider),
-        _table("defaults", defaults),
-        _table("defaults.service", service),
-        _table(f"groups.{GROUP}", {"vars": {}}),
+        toml_table("provider", provider),
+        toml_table("defaults", defaults),
+        toml_table("defaults.service", service),
+        toml_table(f"groups.{GROUP}", {"vars": {}}),
     ]
     for host in config["hosts"]:
         name = host["name"]
@@ -626,7 +608,7 @@ def inventory_text(
                 "log_file": str(root / "hosts" / name / "client.log"),
             },
         }
-        parts.append(_table(f"hosts.{name}", values))
+        parts.append(toml_table(f"hosts.{name}", values))
     return "\n".join(parts)
 
 
