@@ -12,6 +12,7 @@
 * :func:`client_source` / :data:`CLIENT_TEMPLATE`: a tiny client for the
   pidfile service kind (sleeps, exits 0 on SIGTERM; may crash at start or die
   after N seconds).
+* :func:`short_stop_waits`: the guard's stop waits made short.
 * :class:`ProcessReaper`: kills, by pid, every process whose command line or
   working directory lies under a test's tmp dir (guards and clients).
 """
@@ -167,6 +168,26 @@ class ProcessReaper:
             killed.extend(pids)
             time.sleep(0.05)
         return killed
+
+
+# --- the guard ----------------------------------------------------------------------
+
+
+def short_stop_waits(slow: float, grace: float):
+    """A tweak of the guard's source (``deployer/guard.py``): STOP_WAIT 0.3 s,
+    SLOW_STOP_WAIT ``slow`` s and ABORT_GRACE ``grace`` s."""
+
+    def tweak(source: bytes) -> bytes:
+        for old, new in (
+            (b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3"),
+            (b"SLOW_STOP_WAIT = 30.0", f"SLOW_STOP_WAIT = {slow}".encode()),
+            (b"ABORT_GRACE = 120.0", f"ABORT_GRACE = {grace}".encode()),
+        ):
+            assert old in source
+            source = source.replace(old, new, 1)
+        return source
+
+    return tweak
 
 
 # --- the remote ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from deployer.cli.main import cli
 from deployer.clock import FakeClock
 from deployer.journal import Journal, journal_path
+from tests.inventories import BASE, ENV, write
 
 pytestmark = pytest.mark.cli
 
@@ -158,8 +159,6 @@ def test_recover_leaves_a_run_of_another_machine_alone_and_says_how_to_force(tmp
     """A run recorded on another machine (a CI job's container) that wrote its last
     record just now may still be at work there: recover leaves its host pending,
     exit 1, and names --force. Nothing is reached (no API call, no SSH)."""
-    from tests.unit.test_inventory import BASE, ENV, write
-
     inventory = write(tmp_path, BASE)
     state = tmp_path / "state"
     with Journal(state) as j:

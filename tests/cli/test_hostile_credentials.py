@@ -9,7 +9,7 @@ import pytest
 from deployer.inventory import load_inventory
 from deployer.render import render_script
 from tests.cli import run
-from tests.unit.test_hostile_credentials import DBID, USER_ID, leaked, write_inventory
+from tests.hostile_inventory import DBID, USER_ID, leaked, write_inventory
 
 pytestmark = pytest.mark.cli
 

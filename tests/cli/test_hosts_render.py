@@ -9,24 +9,9 @@ import stat
 import pytest
 
 from tests.cli import Run, run
-from tests.unit.test_inventory import BASE, DBID, ENV, MALFORMED, SECRETS, UUID, write
+from tests.inventories import DBID, MALFORMED, SECRETS, UUID, write
 
 pytestmark = pytest.mark.cli
-
-
-@pytest.fixture
-def env(monkeypatch):
-    for name, value in ENV.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
-def inventory_file(tmp_path, env):
-    # the shipped client needs the account's poll URL and forwarding user (SPEC 1b)
-    defaults = 'vars = { release = "1", region = "none" }'
-    client_vars = 'poll_url = "https://poll.example/cgi", forwarding_user = "acct"'
-    assert defaults in BASE
-    return write(tmp_path, BASE.replace(defaults, defaults[:-2] + ", " + client_vars + " }", 1))
 
 
 def assert_no_credentials(result: Run) -> None:

@@ -9,7 +9,6 @@ import pytest
 from deployer.errors import EXIT_OFFLINE
 from deployer.result import HostResult, Outcome, RunResult
 from tests.cli import run
-from tests.cli.test_hosts_render import env, inventory_file  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.cli
 
@@ -38,7 +37,7 @@ def test_the_option_is_in_the_help():
 
 
 @pytest.mark.parametrize("value", ["30m", "90s", "24h", "1h30m"])
-def test_a_duration_reaches_the_engine_in_seconds(inventory_file, captured, value):  # noqa: F811
+def test_a_duration_reaches_the_engine_in_seconds(inventory_file, captured, value):
     from deployer.rollout import parse_duration
 
     result = run("-i", str(inventory_file), "upgrade", "all", "--wait-offline", value, "--json")
@@ -47,14 +46,14 @@ def test_a_duration_reaches_the_engine_in_seconds(inventory_file, captured, valu
     assert '"offline": 1' in result.stdout and '"waiting_seconds": 90.0' in result.stdout
 
 
-def test_without_the_option_there_is_no_wait(inventory_file, captured):  # noqa: F811
+def test_without_the_option_there_is_no_wait(inventory_file, captured):
     run("-i", str(inventory_file), "upgrade", "all")
     assert captured["request"].wait_offline is None
 
 
 @pytest.mark.parametrize("value", ["30", "soon", "0s", "-5m", "31d", "1h1h"])
 def test_a_bad_duration_is_a_usage_error_before_anything_runs(
-    inventory_file,  # noqa: F811
+    inventory_file,
     captured,
     value,
 ):
@@ -64,7 +63,7 @@ def test_a_bad_duration_is_a_usage_error_before_anything_runs(
     assert "request" not in captured
 
 
-def test_rollback_takes_the_option_too(inventory_file, captured):  # noqa: F811
+def test_rollback_takes_the_option_too(inventory_file, captured):
     result = run("-i", str(inventory_file), "rollback", "all", "--wait-offline", "10m")
     assert captured["request"].wait_offline == 600
     assert captured["request"].options.command == "rollback"

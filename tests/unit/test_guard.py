@@ -28,6 +28,7 @@ from tests.doubles import (
     pidfile_alive,
     read_pid,
     run_command,
+    short_stop_waits,
     start_client,
     wait_for,
 )
@@ -615,20 +616,6 @@ def command_service(host: Host, stop_after: float) -> dict:
         "stop": f"(sleep {stop_after}; kill $(cat {pidfile})) >/dev/null 2>&1 &",
         "check": f"kill -0 $(cat {pidfile}) 2>/dev/null",
     }
-
-
-def short_stop_waits(slow: float, grace: float):
-    def tweak(source: bytes) -> bytes:
-        for old, new in (
-            (b"STOP_WAIT = 8.0", b"STOP_WAIT = 0.3"),
-            (b"SLOW_STOP_WAIT = 30.0", f"SLOW_STOP_WAIT = {slow}".encode()),
-            (b"ABORT_GRACE = 120.0", f"ABORT_GRACE = {grace}".encode()),
-        ):
-            assert old in source
-            source = source.replace(old, new, 1)
-        return source
-
-    return tweak
 
 
 def test_slow_stopping_old_client_is_waited_for_and_the_swap_goes_on(host):

@@ -9,8 +9,8 @@ import pytest
 
 from deployer.errors import InventoryError, TemplateError
 from deployer.render import host_context, mask_secrets, render_command, render_script
-from tests.unit.test_inventory import DBID, ENV, SECRETS, USER_ID, UUID, swap
-from tests.unit.test_inventory import load as load_inventory_text
+from tests.inventories import DBID, ENV, SECRETS, USER_ID, UUID, swap
+from tests.inventories import load as load_inventory_text
 
 pytestmark = pytest.mark.unit
 

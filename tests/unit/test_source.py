@@ -41,8 +41,6 @@ from deployer.source import (
 from deployer.upgrade import UpgradeRequest, plan_all, run_upgrade
 from deployer.workflow import UpgradeOptions
 from tests.doubles import (
-    CLIENT_TEMPLATE,
-    PYTHON,
     FakeApi,
     ProcessReaper,
     Recorder,
@@ -52,25 +50,23 @@ from tests.doubles import (
     read_pid,
     start_client,
 )
+from tests.provider_inventory import (
+    API_KEY,
+    CLIENT_ID,
+    DBID,
+    ENV,
+    HOST_UUID,
+    SECRETS,
+    USER_ID,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.unit
-
-USER_ID = "USERID-SECRET-1111"
-DBID = 'DB"ID\\SECRET-2222'  # a quote and a backslash: the provider's quoting escapes them
-HOST_UUID = "UUID-SECRET-3333"
-CLIENT_ID = "CLIENT-SECRET-4444"
-API_KEY = "APIKEY-SECRET-5555"
-SECRETS = (USER_ID, DBID, HOST_UUID, CLIENT_ID, API_KEY)
-ENV = {"TEST_API_KEY": API_KEY}
 
 
 def leaks(text: str) -> list[str]:
     """Any form of a credential (raw, quoted, URL-encoded) or a long prefix in ``text``."""
     return [f for s in SECRETS for f in [*secret_forms([s]), s[:8]] if f in text]
-
-
-def toml_str(value: object) -> str:
-    return json.dumps(str(value), ensure_ascii=False)
 
 
 def provider_text(release: str = "2") -> str:
@@ -80,60 +76,6 @@ def provider_text(release: str = "2") -> str:
         f'CLIENT_ID = "{CLIENT_ID}"\n'
     )
     return ids + client_source(release).decode()
-
-
-HOST_TABLE = """
-[hosts.{name}]
-dbid = {dbid}
-host_uuid = "{uuid}"
-client_id = "{client}"
-ports_id = {n}
-ssh_port = {port}
-"""
-
-
-def write_inventory(
-    root: Path, *, hosts: int = 1, source: str = "provider", extra: str = ""
-) -> Path:
-    script = root / "opt" / "client.py"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    (root / "client.py.j2").write_text(CLIENT_TEMPLATE)
-    text = f"""\
-[provider]
-api_url = "http://127.0.0.1:9/api/{{call}}"
-ssh_host = "127.0.0.1"
-user_id = "{USER_ID}"
-api_key = "${{TEST_API_KEY}}"
-offline_detection = 0.2
-
-[defaults]
-source = "{source}"
-template = "client.py.j2"
-script_path = {toml_str(script)}
-python = {toml_str(PYTHON)}
-online_timeout = 3
-stable_for = 0.5
-validate = "{{{{ python }}}} -m py_compile {{{{ path | quote }}}}"
-vars = {{ release = "1", fail = "", die_after = "1" }}
-{extra}
-[defaults.service]
-kind = "pidfile"
-pidfile = {toml_str(script.parent / "client.pid")}
-run = {toml_str(PYTHON + " {{ script_path | quote }}")}
-"""
-    for i in range(1, hosts + 1):
-        text += HOST_TABLE.format(
-            name=f"pi-{i:02d}",
-            dbid=toml_str(DBID if i == 1 else f"DBID-{i}"),
-            uuid=HOST_UUID if i == 1 else f"UUID-{i}",
-            client=CLIENT_ID if i == 1 else f"CLIENT-{i}",
-            n=1233 + i,
-            port=12344 + i,
-        )
-    path = root / "deployer.toml"
-    path.write_text(text)
-    path.chmod(0o600)  # literal credentials: a private file
-    return path
 
 
 def load(root: Path, **kw):

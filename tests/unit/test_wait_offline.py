@@ -24,7 +24,7 @@ from deployer.report import to_junit_xml
 from deployer.result import HostResult, Outcome, RunResult
 from deployer.rollout import OfflineWait, Rollout, RolloutPolicy
 from deployer.upgrade import SeenOnline, _wait_deadline
-from tests.unit.test_rollout import FakeRunner, failed, make_hosts, outcomes
+from tests.rollout_support import FakeRunner, failed, make_hosts, outcomes
 
 pytestmark = pytest.mark.unit
 
@@ -526,7 +526,7 @@ def test_waiting_seconds_are_journalled_with_the_result(tmp_path):
 def offline_fleet(root: Path):
     from deployer.inventory import load_inventory
     from tests.doubles import FakeApi
-    from tests.unit.test_source import ENV, write_inventory
+    from tests.provider_inventory import ENV, write_inventory
 
     inventory = load_inventory(write_inventory(root, hosts=2, source="template"), env=ENV)
     return inventory, FakeApi(online=lambda: False)

@@ -12,154 +12,33 @@ import os
 import signal
 import stat
 import subprocess
-import threading
-import uuid
 from pathlib import Path
 
 import pytest
 
 from deployer import workflow
 from deployer.errors import ClientBlocked, TooManyCalls
-from deployer.inventory import load_inventory
 from deployer.plan import plan_host
 from deployer.remote import sha256_hex
 from deployer.result import Outcome
 from deployer.workflow import HostRun, RunContext, UpgradeOptions
 from tests.doubles import (
-    CLIENT_TEMPLATE,
-    PYTHON,
     FakeApi,
     ProcessReaper,
     Recorder,
-    RemoteFactory,
     client_source,
     pid_alive,
     pidfile_alive,
     read_pid,
-    start_client,
+    short_stop_waits,
     wait_for,
 )
+from tests.local_site import Site
 from tests.spec import SPEC_STEPS
 
 pytestmark = pytest.mark.unit
 
 FORWARD_STEPS = list(SPEC_STEPS)
-
-INVENTORY = """\
-[provider]
-api_url = "http://127.0.0.1:9/api/{{call}}"
-ssh_host = "127.0.0.1"
-user_id = "USERID-SECRET-1111"
-offline_detection = 0.3
-
-[defaults]
-template = "client.py.j2"
-script_path = {script}
-python = {python}
-online_timeout = 3
-stable_for = 0.5
-keep_backups = {keep}
-validate = {validate}
-health = {health}
-vars = {{ release = "1", fail = "", die_after = "1" }}
-
-[defaults.service]
-kind = "pidfile"
-pidfile = {pidfile}
-run = {run}
-ready = {ready}
-
-[hosts.pi-01]
-dbid = "DBID-SECRET-2222"
-host_uuid = "UUID-SECRET-3333"
-ports_id = 1234
-ssh_port = 12345
-"""
-
-PY_COMPILE = "{{ python }} -m py_compile {{ path | quote }}"
-
-
-def toml_str(value: object) -> str:
-    """A TOML basic string (its escapes are JSON's for these values)."""
-    return json.dumps(str(value), ensure_ascii=False)
-
-
-class Site:
-    """One local 'host' with its inventory, the old client running."""
-
-    def __init__(
-        self,
-        root: Path,
-        keep: int = 3,
-        validate: str = PY_COMPILE,
-        where: str = "opt",
-        health: str = "",
-        ready: str = "",
-    ):
-        self.root = root
-        self.script = root / where / "client.py"
-        self.script.parent.mkdir(parents=True)
-        self.pidfile = self.script.parent / "client.pid"
-        (root / "client.py.j2").write_text(CLIENT_TEMPLATE)
-        (root / "deployer.toml").write_text(
-            INVENTORY.format(
-                script=toml_str(self.script),
-                python=toml_str(PYTHON),
-                keep=keep,
-                validate=toml_str(validate),
-                health=toml_str(health),
-                ready=toml_str(ready),
-                pidfile=toml_str(self.pidfile),
-                run=toml_str(PYTHON + " {{ script_path | quote }}"),
-            )
-        )
-        (root / "deployer.toml").chmod(0o600)  # literal credentials: private, or refused
-        self.old = client_source("0")
-        self.script.write_bytes(self.old)
-        start_client(self.script, self.pidfile, root / "old.log")
-        self.api = FakeApi(online=lambda: pidfile_alive(self.pidfile))
-        self.factory = RemoteFactory()
-        self.events = Recorder()
-        self.abort = threading.Event()
-        self.journal = None
-
-    def inventory(self, **vars: str):
-        return load_inventory(self.root / "deployer.toml", overrides=vars)
-
-    def run(self, options: UpgradeOptions | None = None, **vars: str):
-        inventory = self.inventory(**vars)
-        host = inventory.hosts["pi-01"]
-        run_id = "run-" + uuid.uuid4().hex[:8]
-        options = options or UpgradeOptions()
-        plan = plan_host(inventory, host, run_id, render=options.command != "rollback")
-        ctx = RunContext(
-            run_id=run_id,
-            inventory=inventory,
-            api=self.api,
-            remote_factory=self.factory,
-            options=options,
-            events=self.events,
-            journal=self.journal,
-            owner="tester@box pid 1",
-        )
-        self.paths = plan.paths
-        self.plan = plan
-        return HostRun(ctx, plan, abort=self.abort).execute()
-
-    @property
-    def base(self) -> Path:
-        return self.script.parent / ".client.py.deployer"
-
-    def backups(self) -> list[Path]:
-        d = self.base / "backups"
-        return sorted(d.iterdir()) if d.exists() else []
-
-    def runs(self) -> list[Path]:
-        d = self.base / "runs"
-        return list(d.iterdir()) if d.exists() else []
-
-    def steps(self, result) -> list[str]:
-        return [s.step for s in result.steps]
 
 
 @pytest.fixture(autouse=True)
@@ -821,8 +700,6 @@ def test_an_aborted_swap_is_failed_only_once_the_old_client_is_seen_online(site,
     """The guard gave up (the old client would not stop: nothing changed). Before,
     deployer said `failed` without looking; a host whose client is gone by then
     must be `unsafe`, never a quiet `failed`."""
-    from tests.unit.test_guard import short_stop_waits
-
     with_service(site, 'kind = "command"\nstart = "true"\nstop = "true"\ncheck = "true"\n')
     real = workflow.render_guard
     monkeypatch.setattr(workflow, "render_guard", lambda c: short_stop_waits(0.3, 0.5)(real(c)))
@@ -836,8 +713,6 @@ def test_an_aborted_swap_is_failed_only_once_the_old_client_is_seen_online(site,
 
 
 def test_an_aborted_swap_with_the_old_client_online_is_failed(site, monkeypatch):
-    from tests.unit.test_guard import short_stop_waits
-
     with_service(site, 'kind = "command"\nstart = "true"\nstop = "true"\ncheck = "true"\n')
     real = workflow.render_guard
     monkeypatch.setattr(workflow, "render_guard", lambda c: short_stop_waits(0.3, 0.5)(real(c)))
