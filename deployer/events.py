@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deployer.result import HostResult
+    from deployer.result import HostResult, StepStatus
 
 
 class EventSink:
@@ -30,11 +30,11 @@ class EventSink:
         self,
         host: str,
         step: str,
-        status: str,
+        status: StepStatus,
         seconds: float,
         facts: dict[str, Any] | None = None,
     ) -> None:
-        """Called after ``step`` ends; ``status`` is ok | failed | skipped | undone."""
+        """Called after ``step`` ends, with how it ended."""
 
     def host_finished(self, result: HostResult) -> None:
         pass

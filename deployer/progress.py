@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from deployer.clock import Clock
 from deployer.events import EventSink
 from deployer.parking import WAIT_STEP
-from deployer.result import FAILURE_OUTCOMES, NOT_RUN_OUTCOMES, HostResult, Outcome
+from deployer.result import FAILURE_OUTCOMES, NOT_RUN_OUTCOMES, HostResult, Outcome, StepStatus
 from deployer.secrets import scrub
 
 if TYPE_CHECKING:  # rich is imported when the display starts, not at import
@@ -271,7 +271,7 @@ class PlainProgress(EventSink):
             self.state.step_done(host, step)
             if step != WAIT_STEP:
                 self._write(f"{host} {step} {status} {seconds:.2f}s")
-            elif status == "ok":
+            elif status == StepStatus.OK:
                 self._write(back_line(host, seconds))
 
     def host_finished(self, result: HostResult) -> None:
@@ -385,7 +385,7 @@ class LiveProgress(EventSink):
     def step_finished(self, host, step, status, seconds, facts=None) -> None:
         with self._lock:
             self.state.step_done(host, step)
-        if step == WAIT_STEP and status == "ok":
+        if step == WAIT_STEP and status == StepStatus.OK:
             self._print(back_line(host, seconds), "dim")
 
     def host_finished(self, result: HostResult) -> None:

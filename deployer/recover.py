@@ -64,7 +64,7 @@ from deployer.model import HostConfig, Inventory
 from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.plan import HostPlan, plan_host, revert_online_wait
 from deployer.remote import Remote, sh
-from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord
+from deployer.result import ErrorInfo, HostResult, Outcome, RunResult, StepRecord, StepStatus
 from deployer.retry import HARD_RETRY
 from deployer.secrets import scrub
 from deployer.upgrade import new_run_id, owner_label, ssh_factory
@@ -530,10 +530,10 @@ class _Recovery:
         ctx.events.host_started(host)
         ctx.events.step_started(host, RECOVER_STEP)
         t0 = self.clock.now()
-        status = "failed"
+        status = StepStatus.FAILED
         try:
             act()
-            status = "ok"
+            status = StepStatus.OK
         finally:
             seconds = self.clock.now() - t0
             ctx.events.step_finished(host, RECOVER_STEP, status, seconds)

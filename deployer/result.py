@@ -51,6 +51,18 @@ NOT_RUN_OUTCOMES = frozenset({Outcome.SKIPPED, Outcome.OFFLINE})
 OUTCOME_ORDER = [o.value for o in Outcome]
 
 
+class StepStatus(str, Enum):
+    """How a step ended: the ``status`` of a host's ``steps`` in the report and of a
+    step's end in the journal (docs/reference/report.md lists exactly these)."""
+
+    OK = "ok"
+    FAILED = "failed"  # it raised; or a rollback, a cleanup or a wait that did not succeed
+    SKIPPED = "skipped"  # the ``wait`` step only: the run stopped while the host was parked
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def readable_by(mode: int | str | None) -> str | None:
     """Who besides the owner may read a file of this mode (an int, or an octal
     string like ``"0755"``): ``"group"``, ``"others"``, ``"group and others"``;
@@ -75,11 +87,14 @@ def iso(ts: float | None) -> str | None:
 @dataclass
 class StepRecord:
     step: str
-    status: str  # ok | failed | skipped | undone
+    status: StepStatus
     seconds: float
 
+    def __post_init__(self) -> None:
+        self.status = StepStatus(self.status)  # "ok" becomes StepStatus.OK; "undone" raises
+
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "status": self.status, "seconds": round(self.seconds, 3)}
+        return {"step": self.step, "status": self.status.value, "seconds": round(self.seconds, 3)}
 
 
 @dataclass

@@ -79,6 +79,7 @@ from deployer.result import (
     HostResult,
     Outcome,
     StepRecord,
+    StepStatus,
 )
 from deployer.secrets import scrub
 
@@ -587,7 +588,7 @@ class Rollout:
         facts: dict[str, object] = {"waiting": False, "looks": entry.looks}
         if entry.trusted_at is not None:  # trusted, then it waited this long for a slot
             facts["queued_seconds"] = round(now - entry.trusted_at, 3)
-        self._emit("step_finished", entry.name, WAIT_STEP, "ok", waited, facts)
+        self._emit("step_finished", entry.name, WAIT_STEP, StepStatus.OK, waited, facts)
 
     def _with_wait(self, index: int, result: HostResult) -> None:
         """Add the host's wait (if it was parked) to its result."""
@@ -595,7 +596,7 @@ class Rollout:
         if waited is None or result.waiting_seconds:
             return
         result.waiting_seconds = max(waited, 0.0)
-        result.steps.insert(0, StepRecord(WAIT_STEP, "ok", result.waiting_seconds))
+        result.steps.insert(0, StepRecord(WAIT_STEP, StepStatus.OK, result.waiting_seconds))
 
     def _expire_at_deadline(self) -> None:
         """At the deadline, every host still waiting ends ``offline``."""
@@ -621,7 +622,7 @@ class Rollout:
                 Outcome.SKIPPED,
                 error=ErrorInfo(step=None, type=SKIPPED_ERROR_TYPE, message=self._stop_reason),
             )
-            status, facts = "skipped", {"waiting": True, "looks": entry.looks}
+            status, facts = StepStatus.SKIPPED, {"waiting": True, "looks": entry.looks}
         else:
             message = f"client not seen online long enough to trust in {_span(waited)} of waiting"
             result = HostResult(
@@ -629,7 +630,7 @@ class Rollout:
                 Outcome.OFFLINE,
                 error=ErrorInfo(step=WAIT_STEP, type=OFFLINE_ERROR_TYPE, message=message),
             )
-            status, facts = "failed", {"waiting": False, "looks": entry.looks}
+            status, facts = StepStatus.FAILED, {"waiting": False, "looks": entry.looks}
         result.waiting_seconds = waited
         result.steps.append(StepRecord(WAIT_STEP, status, waited))
         if entry.index in self._wait_open:

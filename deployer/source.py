@@ -51,7 +51,7 @@ from deployer.errors import (
     UsageError,
 )
 from deployer.model import HostConfig, Inventory
-from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord
+from deployer.result import ErrorInfo, HostResult, Outcome, StepRecord, StepStatus
 from deployer.rollout import RUN_STOPPING_CODES, SKIPPED_ERROR_TYPE
 from deployer.secrets import scrub
 
@@ -300,7 +300,7 @@ def _failed(
         result=Outcome.FAILED,
         api_calls=api.calls_for(name),
         duration_seconds=seconds,
-        steps=[StepRecord(step, "failed", seconds)],
+        steps=[StepRecord(step, StepStatus.FAILED, seconds)],
         error=error,
     )
 

@@ -73,7 +73,14 @@ from deployer.hostfiles import (
 from deployer.model import HostConfig, Inventory
 from deployer.plan import HostPlan
 from deployer.remote import CommandResult, Remote, sh, sha256_hex
-from deployer.result import SUCCESS_OUTCOMES, ErrorInfo, HostResult, Outcome, StepRecord
+from deployer.result import (
+    SUCCESS_OUTCOMES,
+    ErrorInfo,
+    HostResult,
+    Outcome,
+    StepRecord,
+    StepStatus,
+)
 from deployer.retry import HARD_RETRY
 from deployer.secrets import scrub
 
@@ -241,12 +248,12 @@ class HostRun:
         try:
             value = action()
         except BaseException:
-            self._record(name, "failed", t0)
+            self._record(name, StepStatus.FAILED, t0)
             raise
-        self._record(name, "ok", t0)
+        self._record(name, StepStatus.OK, t0)
         return value
 
-    def _record(self, name: str, status: str, t0: float) -> None:
+    def _record(self, name: str, status: StepStatus, t0: float) -> None:
         seconds = self.clock.now() - t0
         self.steps.append(StepRecord(name, status, seconds))
         self._event("step_finished", self.host.name, name, status, seconds)
@@ -628,7 +635,8 @@ class HostRun:
         t0 = self.clock.now()
         self._event("step_started", self.host.name, "rollback")
         outcome = self._revert()
-        self._record("rollback", "ok" if outcome is Outcome.ROLLED_BACK else "failed", t0)
+        ok = outcome is Outcome.ROLLED_BACK
+        self._record("rollback", StepStatus.OK if ok else StepStatus.FAILED, t0)
         return outcome
 
     def _undo_before_swap(self) -> Outcome:
@@ -820,12 +828,12 @@ class HostRun:
         self.unwinding = True
         t0 = self.clock.now()
         self._event("step_started", self.host.name, "cleanup")
-        status = "ok"
+        status = StepStatus.OK
         if self.window_open_since is not None:  # never leave it open, whatever happened
             try:
                 self._shut_window()
             except DeployerError:
-                outcome, status = Outcome.UNSAFE, "failed"
+                outcome, status = Outcome.UNSAFE, StepStatus.FAILED
         if self.locked and outcome is not Outcome.UNSAFE and self.remote is None:
             status = self._reach_to_clean(status)
         if self.remote is not None and outcome is not Outcome.UNSAFE:
@@ -836,10 +844,10 @@ class HostRun:
                     status = self._reach_to_clean(status)
                     status = self._clean_again(outcome, status)
                 else:
-                    status = "failed"
+                    status = StepStatus.FAILED
                     self._message(f"cleanup on the host failed: {exc}")
             except (RemoteError, OSError) as exc:
-                status = "failed"
+                status = StepStatus.FAILED
                 self._message(f"cleanup on the host failed: {exc}")
         self.guard.close_stream()
         if self.remote is not None:
@@ -851,28 +859,28 @@ class HostRun:
                 self.api.disconnect(self.host)
                 self._note(tunnel_opened=False)
             except ApiError as exc:
-                status = "failed"
+                status = StepStatus.FAILED
                 self._message(f"disconnect failed, the tunnel may stay open: {exc}")
         self._record("cleanup", status, t0)
         return outcome
 
-    def _reach_to_clean(self, status: str) -> str:
+    def _reach_to_clean(self, status: StepStatus) -> StepStatus:
         """The session was lost: reach the host again to release its lock."""
         try:
             self._reattach(within=CLEANUP_REATTACH)
         except DeployerError as exc:
             self._message(f"the host lock stays until `deployer recover`: {exc}")
-            return "failed"
+            return StepStatus.FAILED
         return status
 
-    def _clean_again(self, outcome: Outcome, status: str) -> str:
+    def _clean_again(self, outcome: Outcome, status: StepStatus) -> StepStatus:
         if self.remote is None:
-            return "failed"
+            return StepStatus.FAILED
         try:
             self._clean_host(outcome)
         except (RemoteError, OSError) as exc:
             self._message(f"cleanup on the host failed: {exc}")
-            return "failed"
+            return StepStatus.FAILED
         return status
 
     def _clean_host(self, outcome: Outcome) -> None:

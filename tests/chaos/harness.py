@@ -75,13 +75,17 @@ def release_sha(inventory: Path, host: str, release: str) -> str:
 # --- the deployer subprocess and the journal ---------------------------------------------
 
 
-def deployer_argv(inventory: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deployer", "-i", str(inventory), *args]
+def deployer_argv(inventory: Path, *args: str, state_dir: Path | None = None) -> list[str]:
+    """``python -m deployer -i INVENTORY [--state-dir DIR] ARGS…``."""
+    where = ("--state-dir", str(state_dir)) if state_dir is not None else ()
+    return [sys.executable, "-m", "deployer", "-i", str(inventory), *where, *args]
 
 
-def run_deployer(inventory: Path, *args: str, timeout: float = CLI_TIMEOUT) -> tuple[int, str, str]:
+def run_deployer(
+    inventory: Path, *args: str, timeout: float = CLI_TIMEOUT, state_dir: Path | None = None
+) -> tuple[int, str, str]:
     proc = subprocess.run(
-        deployer_argv(inventory, *args),
+        deployer_argv(inventory, *args, state_dir=state_dir),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -107,11 +111,17 @@ class JournalProbe:
         finally:
             conn.close()
 
-    def run_of(self, pid: int, since: float) -> str | None:
-        """The run that process ``pid`` started at or after ``since`` (wall time)."""
+    def last_run(self) -> int:
+        """The rowid of the newest run so far (0: none): a mark that neither a
+        clock step nor a reused pid can fool, unlike a start time."""
+        rows = self._query("SELECT max(rowid) FROM runs", ())
+        return rows[0][0] or 0 if rows else 0
+
+    def run_of(self, pid: int, after: int) -> str | None:
+        """The run that process ``pid`` started after the run with rowid ``after``."""
         rows = self._query(
-            "SELECT run_id FROM runs WHERE pid = ? AND started >= ? ORDER BY started DESC",
-            (pid, since - 1.0),
+            "SELECT run_id FROM runs WHERE pid = ? AND rowid > ? ORDER BY rowid DESC",
+            (pid, after),
         )
         return rows[0][0] if rows else None
 
@@ -140,21 +150,25 @@ class UpgradeProcess:
     inventory: Path
     host: str
     args: tuple[str, ...]
+    state_dir: Path | None = None  # --state-dir (default: the inventory's .deployer)
     proc: subprocess.Popen = field(init=False)
-    launched: float = field(init=False)
+    launched: float = field(init=False)  # monotonic
     run_id: str | None = None
     killed_at: float | None = None  # wall time of the SIGKILL
     killed_in: str | None = None  # the step that had begun last when it died
 
     def __post_init__(self) -> None:
-        self.launched = time.time()
+        self.probe = JournalProbe(self.state_dir or Path(self.inventory).parent / ".deployer")
+        self.after = self.probe.last_run()
+        self.launched = time.monotonic()
         self.proc = subprocess.Popen(
-            deployer_argv(self.inventory, "upgrade", self.host, "--json", *self.args),
+            deployer_argv(
+                self.inventory, "upgrade", self.host, "--json", *self.args, state_dir=self.state_dir
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self.probe = JournalProbe(Path(self.inventory).parent / ".deployer")
 
     def wait_for_step(self, step: str, timeout: float = 60.0) -> bool:
         """Block until ``step`` of this run has begun for the host (True), or the
@@ -162,7 +176,7 @@ class UpgradeProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.run_id is None:
-                self.run_id = self.probe.run_of(self.proc.pid, self.launched)
+                self.run_id = self.probe.run_of(self.proc.pid, self.after)
             if self.run_id is not None:
                 if (step, "begin") in self.probe.steps(self.run_id, self.host):
                     return True
@@ -177,7 +191,7 @@ class UpgradeProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.run_id is None:
-                self.run_id = self.probe.run_of(self.proc.pid, self.launched)
+                self.run_id = self.probe.run_of(self.proc.pid, self.after)
             if self.run_id is not None and self.probe.facts(self.run_id, self.host).get(name):
                 return True
             if self.proc.poll() is not None:
@@ -191,7 +205,7 @@ class UpgradeProcess:
         self.killed_at = time.time()
         self.proc.communicate(timeout=30)
         if self.run_id is None:
-            self.run_id = self.probe.run_of(self.proc.pid, self.launched)
+            self.run_id = self.probe.run_of(self.proc.pid, self.after)
         if self.run_id is not None:
             self.killed_in = self.probe.current_step(self.run_id, self.host)
 
@@ -412,9 +426,9 @@ def _age(moment: float | None, since: float) -> float:
 # --- recover and history ---------------------------------------------------------------------
 
 
-def recover(inventory: Path) -> tuple[int, dict[str, Any], str]:
+def recover(inventory: Path, state_dir: Path | None = None) -> tuple[int, dict[str, Any], str]:
     """``deployer recover --json`` -> (exit code, its report, stderr)."""
-    code, out, err = run_deployer(inventory, "recover", "--json")
+    code, out, err = run_deployer(inventory, "recover", "--json", state_dir=state_dir)
     return code, (json.loads(out) if out.strip() else {}), err
 
 

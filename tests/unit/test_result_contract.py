@@ -28,6 +28,7 @@ from deployer.result import (
     Outcome,
     RunResult,
     StepRecord,
+    StepStatus,
 )
 
 pytestmark = pytest.mark.unit
@@ -60,7 +61,7 @@ RESULTS = [
     "planned",
     "offline",
 ]
-STEP_STATUSES = {"ok", "failed", "skipped", "undone"}
+STEP_STATUSES = {"ok", "failed", "skipped"}
 
 
 def document(hosts: list[HostResult], interrupted: bool = False) -> dict:
@@ -69,7 +70,7 @@ def document(hosts: list[HostResult], interrupted: bool = False) -> dict:
 
 
 def full_run() -> list[HostResult]:
-    steps = [StepRecord("preflight", "ok", 0.0213), StepRecord("swap", "undone", 1)]
+    steps = [StepRecord("preflight", "ok", 0.0213), StepRecord("swap", "failed", 1)]
     error = ErrorInfo.from_exception(ClientBlocked("blocked", call="connect"), "connect")
     upgraded = HostResult("pi-01", Outcome.UPGRADED, "a" * 64, "b" * 64, 1.9, 6, 4.2, steps[:1])
     upgraded.installed_mode = "0755"  # the script found at inspect: readable by others
@@ -210,19 +211,26 @@ def test_dry_run_diff_is_not_part_of_the_contract():
 # --- the groups of results: one definition, and the docs say the same ----------------
 
 
-def doc_table(heading: str) -> list[list[str]]:
-    """The rows (cells, backticks dropped) of the first table under ``heading``."""
+def doc_tables(heading: str) -> list[list[list[str]]]:
+    """The tables under ``heading`` (up to the next heading) of docs/reference/report.md:
+    each its rows past the header, each row its cells with backticks dropped."""
     lines = REPORT_DOC.read_text(encoding="utf-8").splitlines()
-    start = lines.index(heading) + 1
+    tables: list[list[list[str]]] = []
     rows: list[list[str]] = []
-    for line in lines[start:]:
-        if line.startswith("#"):
-            break
+    for line in lines[lines.index(heading) + 1 :] + [""]:
         if line.startswith("|"):
             rows.append([c.strip().replace("`", "") for c in line.strip("|").split("|")])
-        elif rows:
+            continue
+        if rows:
+            tables.append(rows[2:])  # past the header and its |---| line
+            rows = []
+        if line.startswith("#"):
             break
-    return rows[2:]  # past the header and its |---| line
+    return tables
+
+
+def doc_table(heading: str) -> list[list[str]]:
+    return doc_tables(heading)[0]
 
 
 def test_every_result_is_in_exactly_one_group():
@@ -243,3 +251,22 @@ def test_only_the_success_group_makes_a_run_ok():
     for outcome in Outcome:
         run = RunResult("r", 0.0, 1.0, [HostResult("h", outcome)])
         assert run.ok is (outcome in SUCCESS_OUTCOMES)
+
+
+# --- step statuses: one definition, and the docs list exactly it --------------------
+
+
+def test_step_statuses_are_the_definition():
+    assert {s.value for s in StepStatus} == STEP_STATUSES
+
+
+def test_the_docs_list_exactly_the_step_statuses():
+    key_table, status_table = doc_tables("### A step")
+    assert [row[0] for row in key_table] == ["step", "status", "seconds"]
+    assert [row[0] for row in status_table] == [s.value for s in StepStatus]
+
+
+def test_a_step_record_takes_only_a_defined_status():
+    assert StepRecord("swap", "ok", 1).status is StepStatus.OK
+    with pytest.raises(ValueError):
+        StepRecord("swap", "undone", 1)  # never produced: a rollback is a step of its own
