@@ -1,13 +1,18 @@
 """CLI tests. :func:`run` goes through ``deployer.cli.main.main``, the one boundary
-that maps errors to exit codes, with stdout and stderr captured apart."""
+that maps errors to exit codes, with stdout and stderr captured apart;
+:func:`answering` gives the provider of the ``server`` fixture (conftest.py) a
+test's handler."""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from click.testing import CliRunner
+from pytest_httpserver import HTTPServer
 
 from deployer.cli.main import main
 
@@ -34,3 +39,12 @@ def run(*argv: str, cwd: str | Path | None = None) -> Run:
         finally:
             os.chdir(old)
         return Run(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def answering(server: HTTPServer, handler: Callable) -> Iterator:
+    """A fixture's body: every ``/api/CALL`` on ``server`` goes to ``handler``
+    for one test; yields the handler."""
+    server.clear()
+    server.expect_request(re.compile(r"^/api/[a-z_]+$")).respond_with_handler(handler)
+    yield handler
+    server.clear()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from pytest_httpserver import HTTPServer
 
 from tests.inventories import BASE, ENV, write
 
@@ -23,3 +26,14 @@ def inventory_file(tmp_path, env):
     assert defaults in BASE
     return write(tmp_path, BASE.replace(defaults, defaults[:-2] + ", " + client_vars + " }", 1))
 
+
+@pytest.fixture(scope="module")
+def server():
+    """A provider on 127.0.0.1 (pytest-httpserver), one for a test module; a
+    test's handler comes with :func:`tests.cli.answering`."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # its access log quotes the query
+    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    srv.start()
+    yield srv
+    srv.clear()
+    srv.stop()

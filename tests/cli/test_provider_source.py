@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import re
 import stat
 import threading
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from deployer.secrets import secret_forms
-from tests.cli import run
+from tests.cli import answering, run
 
 pytestmark = pytest.mark.cli
 
@@ -106,23 +103,9 @@ class Provider:
         return [call for call, _ in self.asked]
 
 
-@pytest.fixture(scope="module")
-def server():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # its access log quotes the query
-    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
-
 @pytest.fixture
 def provider(server):
-    server.clear()
-    fake = Provider()
-    server.expect_request(re.compile(r"^/api/[a-z_]+$")).respond_with_handler(fake)
-    yield fake
-    server.clear()
+    yield from answering(server, Provider())
 
 
 @pytest.fixture

@@ -5,16 +5,13 @@ dbid, so every test says exactly what the provider answers for which host."""
 from __future__ import annotations
 
 import json
-import logging
-import re
 import threading
 from urllib.parse import quote, quote_plus
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from tests.cli import run
+from tests.cli import answering, run
 
 pytestmark = pytest.mark.cli
 
@@ -84,23 +81,9 @@ class Provider:
         return sorted(host for _, host, _ in self.asked)
 
 
-@pytest.fixture(scope="module")
-def server():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # its access log quotes the query
-    srv = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    srv.start()
-    yield srv
-    srv.clear()
-    srv.stop()
-
-
 @pytest.fixture
 def provider(server):
-    server.clear()
-    fake = Provider()
-    server.expect_request(re.compile(r"^/api/[a-z_]+$")).respond_with_handler(fake)
-    yield fake
-    server.clear()
+    yield from answering(server, Provider())
 
 
 @pytest.fixture
