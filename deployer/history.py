@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from deployer.columns import align
+from deployer.facts import HostFacts
 from deployer.journal import Journal, RunRecord
 from deployer.result import SUCCESS_OUTCOMES, iso
 
@@ -59,14 +60,14 @@ def _history_entry(run: RunRecord, hosts: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _history_host(entry: dict[str, Any]) -> dict[str, Any]:
-    facts = entry["facts"]
+    facts = HostFacts.from_json(entry["facts"])
     out = {
         "host": entry["host"],
         "result": entry["result"],
         "started": iso(entry["started"]),
         "finished": iso(entry["finished"]),
-        "old_sha256": facts.get("old_sha256"),
-        "new_sha256": facts.get("new_sha256"),
+        "old_sha256": facts.old_sha256,
+        "new_sha256": facts.new_sha256,
         "error": entry["error"],
     }
     if "steps" in entry:

@@ -51,6 +51,7 @@ from typing import Any
 from deployer.clock import Clock
 from deployer.errors import JournalError
 from deployer.events import EventSink
+from deployer.facts import FACT_NAMES, HostFacts, known
 from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.result import HostResult
 from deployer.secrets import scrub
@@ -151,7 +152,7 @@ class DanglingHost:
 
     run_id: str
     host: str
-    facts: dict[str, Any]
+    facts: HostFacts
     last_step: str | None
     last_status: str | None  # a step status, or STEP_STARTED if it never ended
     started: float  # when the host's first record in that run was written
@@ -163,6 +164,16 @@ class DanglingHost:
 
 def journal_path(state_dir: Path) -> Path:
     return Path(state_dir) / JOURNAL_FILENAME
+
+
+def _fact_path(name: str) -> str:
+    """The JSON path of fact ``name`` (a :class:`~deployer.facts.HostFacts` field), for SQL."""
+    if name not in FACT_NAMES:
+        raise ValueError(f"{name!r} is not a host fact")
+    return f"$.{name}"
+
+
+_WAITING, _LOCK_MAYBE_HELD = _fact_path("waiting"), _fact_path("lock_maybe_held")
 
 
 def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
@@ -589,11 +600,11 @@ class Journal:
             "   ORDER BY s.id DESC LIMIT 1) AS last_status"
             " FROM hosts h LEFT JOIN runs r ON r.run_id = h.run_id"
             # parked by --wait-offline: nothing in flight, nothing to recover
-            " WHERE (h.result IS NULL AND COALESCE(json_extract(h.facts, '$.waiting'), 0) = 0)"
+            " WHERE (h.result IS NULL AND COALESCE(json_extract(h.facts, ?), 0) = 0)"
             # a final result whose cleanup could not release the host lock
-            "    OR json_extract(h.facts, '$.lock_maybe_held') = 1"
+            "    OR json_extract(h.facts, ?) = 1"
             " ORDER BY h.started, h.run_id, h.host",
-            (STEP_STARTED,),
+            (STEP_STARTED, _WAITING, _LOCK_MAYBE_HELD),
         )
         found = []
         for row in rows:
@@ -608,7 +619,7 @@ class Journal:
                 DanglingHost(
                     run_id=row["run_id"],
                     host=row["host"],
-                    facts=json.loads(row["facts"]),
+                    facts=HostFacts.from_json(json.loads(row["facts"])),
                     last_step=row["last_step"],
                     last_status=row["last_status"],
                     started=row["started"],
@@ -635,9 +646,8 @@ class Journal:
         if run.finished is None and run.is_live():
             return None
         parked = self._read(
-            "SELECT host FROM hosts WHERE run_id = ?"
-            " AND json_extract(facts, '$.waiting') = 1 ORDER BY host",
-            (run.run_id,),
+            "SELECT host FROM hosts WHERE run_id = ? AND json_extract(facts, ?) = 1 ORDER BY host",
+            (run.run_id, _WAITING),
         )
         if not parked:
             return None
@@ -656,7 +666,7 @@ class Journal:
         message = f"its wait was picked up by run {new_run_id}"
         error = {"step": None, "type": "RolloutStopped", "message": message, "api_error_code": None}
         for host in pending.hosts:
-            self.update_host(pending.run_id, host, waiting=False, picked_up_by=new_run_id)
+            self.update_host(pending.run_id, host, **known(waiting=False, picked_up_by=new_run_id))
             if self.host_state(pending.run_id, host).get("result") in (None, "failed"):
                 self.finish_host(pending.run_id, host, "skipped", error=error)
         if not pending.finished:
@@ -763,14 +773,14 @@ class JournalSink(EventSink):
             result.host,
             result.result.value,
             error=result.error.to_json() if result.error else None,
-            facts={
-                "old_sha256": result.old_sha256,
-                "new_sha256": result.new_sha256,
-                "exposure_seconds": round(result.exposure_seconds, 3),
-                "api_calls": result.api_calls,
-                "duration_seconds": round(result.duration_seconds, 3),
-                "waiting_seconds": round(result.waiting_seconds, 3),
-            },
+            facts=known(
+                old_sha256=result.old_sha256,
+                new_sha256=result.new_sha256,
+                exposure_seconds=round(result.exposure_seconds, 3),
+                api_calls=result.api_calls,
+                duration_seconds=round(result.duration_seconds, 3),
+                waiting_seconds=round(result.waiting_seconds, 3),
+            ),
         )
 
 

@@ -59,7 +59,9 @@ from typing import Any
 from deployer.clock import Clock
 from deployer.errors import ApiError, RemoteError, SshConnectError
 from deployer.events import EventSink, Fanout
+from deployer.facts import HostFacts, known
 from deployer.hostfiles import HostPaths, release_lock, remote_sha256
+from deployer.journal import DanglingHost
 from deployer.model import HostConfig, Inventory
 from deployer.pids import machine_name, process_is_live, process_start_token
 from deployer.plan import HostPlan, plan_host, revert_online_wait
@@ -85,16 +87,6 @@ RECOVER_STEP = "recover"
 OWNER_GRACE = 1.0  # seconds: a lock without its owner file yet may be a run writing it now
 AWAIT_POLL = 0.5  # seconds between looks at the journal while another recover finishes a host
 TAKEN = "taken-"  # lock/taken-HOLDER: the one recover that took HOLDER's lock over
-# facts that say the run may have left something on the host (or a tunnel to it)
-HOST_FACTS = (
-    "tunnel_opened",
-    "lock_maybe_held",
-    "staged",
-    "guard_armed",
-    "window_maybe_open",
-    "swap_started",
-    "committed",
-)
 
 #: makes the progress sink once the number of hosts to recover is known
 ProgressFactory = Callable[[int], EventSink]
@@ -199,8 +191,8 @@ class _Recovery:
     recover_id: str
     force: bool
 
-    def run(self, dangling: list) -> list[HostResult]:
-        by_host: dict[str, list] = defaultdict(list)
+    def run(self, dangling: list[DanglingHost]) -> list[HostResult]:
+        by_host: dict[str, list[DanglingHost]] = defaultdict(list)
         for item in dangling:
             by_host[item.host].append(item)
         results: dict[tuple[str, str], HostResult] = {}
@@ -210,7 +202,7 @@ class _Recovery:
                 results.update(future.result())
         return [results[(item.run_id, item.host)] for item in dangling]
 
-    def _host(self, items: list) -> dict[tuple[str, str], HostResult]:
+    def _host(self, items: list[DanglingHost]) -> dict[tuple[str, str], HostResult]:
         """The runs left on one host, one after the other, newest first: a newer
         run's lock is released before an older run's recovery needs it."""
         done = {}
@@ -218,7 +210,7 @@ class _Recovery:
             done[(item.run_id, item.host)] = self._isolated(item)
         return done
 
-    def _isolated(self, item) -> HostResult:
+    def _isolated(self, item: DanglingHost) -> HostResult:
         """One (run, host): whatever goes wrong is this host's ``unsafe`` result."""
         try:
             return self._recover(self._context(item.run_id), item)
@@ -249,7 +241,7 @@ class _Recovery:
 
     # -- one (run, host) -------------------------------------------------------------
 
-    def _recover(self, ctx: RunContext, item) -> HostResult:
+    def _recover(self, ctx: RunContext, item: DanglingHost) -> HostResult:
         host = self.inventory.hosts.get(item.host)
         if host is None:
             message = (
@@ -263,7 +255,7 @@ class _Recovery:
         alive = self._maybe_alive(item, plan)
         if alive:
             return self._left_alone(item.host, alive)
-        if not any(item.facts.get(name) for name in HOST_FACTS):
+        if not item.facts.left_on_host():
             return HostRun(ctx, plan).resume(item.facts)  # nothing on the host: no need to go
         try:
             remote = self._reach(plan)
@@ -283,7 +275,7 @@ class _Recovery:
                 return self._recorded(item, state)
             if busy is not None:
                 return self._left_alone(item.host, busy.why)
-            self.journal.update_host(item.run_id, item.host, lock_maybe_held=True)
+            self.journal.update_host(item.run_id, item.host, **known(lock_maybe_held=True))
             if not remote.run(sh("test", "-d", plan.paths.run_dir), check=False).ok:
                 return self._cleaned_up(ctx, plan, item, remote)
             changed = self._changed_since(remote, plan, item)
@@ -291,9 +283,9 @@ class _Recovery:
                 return self._leave_later_script(ctx, plan, item, remote, changed)
         finally:
             remote.close()
-        return HostRun(ctx, plan).resume({**item.facts, "lock_maybe_held": True})
+        return HostRun(ctx, plan).resume(dataclasses.replace(item.facts, lock_maybe_held=True))
 
-    def _plan(self, host: HostConfig, item) -> HostPlan:
+    def _plan(self, host: HostConfig, item: DanglingHost) -> HostPlan:
         record = self.journal.run(item.run_id)
         options = record.options if record is not None else {}
         plan = plan_host(
@@ -304,10 +296,10 @@ class _Recovery:
             online_timeout=_seconds(options.get("online_timeout")),
             stable_for=_seconds(options.get("stable_for")),
         )
-        script_path = item.facts.get("script_path") or host.script_path
+        script_path = item.facts.script_path or host.script_path
         return dataclasses.replace(plan, paths=HostPaths(script_path, item.run_id))
 
-    def _maybe_alive(self, item, plan: HostPlan) -> str | None:
+    def _maybe_alive(self, item: DanglingHost, plan: HostPlan) -> str | None:
         """Why a run recorded on another machine may still be at work, or None."""
         if item.machine is None or item.machine == machine_name() or self.force:
             return None
@@ -347,7 +339,7 @@ class _Recovery:
 
     # -- the host lock --------------------------------------------------------------------
 
-    def _hold(self, remote: Remote, plan: HostPlan, item) -> _Busy | None:
+    def _hold(self, remote: Remote, plan: HostPlan, item: DanglingHost) -> _Busy | None:
         """Take the host lock for the recovery of ``item``'s run: None once held,
         else why the host is left alone (and the recover at work on it, if one is)."""
         p = plan.paths
@@ -356,7 +348,7 @@ class _Recovery:
         if holder is None and not made:
             self.clock.sleep(OWNER_GRACE)  # a run may be writing its owner file right now
             holder = self._read_holder(remote, p)
-            if holder is None and not item.facts.get("lock_maybe_held"):
+            if holder is None and not item.facts.lock_maybe_held:
                 return _Busy(f"the host lock {p.lock} has no owner file; this run never took it")
         key = item.run_id
         if holder is not None and holder.run_id != item.run_id:
@@ -378,7 +370,9 @@ class _Recovery:
         self._write_owner(remote, p, item.run_id)
         return None
 
-    def _await_other_recover(self, item, holder: _Holder, plan: HostPlan) -> HostResult | None:
+    def _await_other_recover(
+        self, item: DanglingHost, holder: _Holder, plan: HostPlan
+    ) -> HostResult | None:
         """Another recover on this machine finishes the host: wait for its result in
         the journal and report it (acting on nothing). None if that recover ended
         without one, or took too long, or runs on another machine."""
@@ -394,14 +388,14 @@ class _Recovery:
             self.clock.sleep(AWAIT_POLL)
         return None
 
-    def _recorded(self, item, state: dict[str, Any]) -> HostResult:
+    def _recorded(self, item: DanglingHost, state: dict[str, Any]) -> HostResult:
         """The final result another recover recorded, told (not journalled again)."""
-        error = state.get("error") or None
+        error, facts = state.get("error") or None, HostFacts.from_json(state)
         result = HostResult(
             host=item.host,
             result=Outcome(state["result"]),
-            old_sha256=state.get("old_sha256"),
-            new_sha256=state.get("new_sha256"),
+            old_sha256=facts.old_sha256,
+            new_sha256=facts.new_sha256,
             error=None
             if error is None
             else ErrorInfo(
@@ -466,7 +460,9 @@ class _Recovery:
 
     # -- the ends ----------------------------------------------------------------------------
 
-    def _cleaned_up(self, ctx: RunContext, plan: HostPlan, item, remote: Remote) -> HostResult:
+    def _cleaned_up(
+        self, ctx: RunContext, plan: HostPlan, item: DanglingHost, remote: Remote
+    ) -> HostResult:
         """The run dir is gone: the run had cleaned up the host before it died.
         Nothing there is undone; close what the journal says may be open, release
         the lock recover took, and mark the host by what is installed."""
@@ -476,22 +472,24 @@ class _Recovery:
         problems = []
 
         def act() -> None:
-            if facts.get("window_maybe_open"):
+            if facts.window_maybe_open:
                 try:
                     self.api.set_allow_clientless(host, False, retry=HARD_RETRY)
-                    self.journal.update_host(item.run_id, host.name, window_maybe_open=False)
+                    self.journal.update_host(
+                        item.run_id, host.name, **known(window_maybe_open=False)
+                    )
                 except ApiError as exc:
                     problems.append(f"could not close the allow-clientless window: {exc}")
             release_lock(remote, plan.paths)
-            self.journal.update_host(item.run_id, host.name, lock_maybe_held=False)
+            self.journal.update_host(item.run_id, host.name, **known(lock_maybe_held=False))
             try:  # recover reached the host through it: no other run rides on it (the lock)
                 self.api.disconnect(host)
-                self.journal.update_host(item.run_id, host.name, tunnel_opened=False)
+                self.journal.update_host(item.run_id, host.name, **known(tunnel_opened=False))
             except ApiError as exc:
                 problems.append(f"disconnect failed, the tunnel may stay open: {exc}")
 
         steps = self._step(ctx, host.name, act)
-        if problems and facts.get("window_maybe_open") and "window" in problems[0]:
+        if problems and facts.window_maybe_open and "window" in problems[0]:
             outcome = Outcome.UNSAFE
         message = (
             f"run {item.run_id} had cleaned up the host before it was stopped (its run dir "
@@ -499,23 +497,23 @@ class _Recovery:
         )
         return self._finish(ctx, plan, item, outcome, steps, message, installed)
 
-    def _changed_since(self, remote: Remote, plan: HostPlan, item) -> str | None:
+    def _changed_since(self, remote: Remote, plan: HostPlan, item: DanglingHost) -> str | None:
         """The installed script's sha256 if a later run replaced this run's scripts
         (neither its old nor its new one, before commit); undoing would downgrade it."""
         facts = item.facts
-        if not facts.get("swap_started") or facts.get("committed"):
+        if not facts.swap_started or facts.committed:
             return None
         installed = remote_sha256(remote, plan.paths.script_path)
-        if installed in (facts.get("old_sha256"), facts.get("new_sha256")):
+        if installed in (facts.old_sha256, facts.new_sha256):
             return None
         return installed or "none"
 
     def _leave_later_script(
-        self, ctx: RunContext, plan: HostPlan, item, remote: Remote, installed: str
+        self, ctx: RunContext, plan: HostPlan, item: DanglingHost, remote: Remote, installed: str
     ) -> HostResult:
         def act() -> None:
             release_lock(remote, plan.paths)
-            self.journal.update_host(item.run_id, plan.name, lock_maybe_held=False)
+            self.journal.update_host(item.run_id, plan.name, **known(lock_maybe_held=False))
 
         steps = self._step(ctx, plan.name, act)
         message = (
@@ -543,7 +541,7 @@ class _Recovery:
         self,
         ctx: RunContext,
         plan: HostPlan,
-        item,
+        item: DanglingHost,
         outcome: Outcome,
         steps: list[StepRecord],
         message: str,
@@ -553,8 +551,8 @@ class _Recovery:
         result = HostResult(
             host=plan.name,
             result=outcome,
-            old_sha256=item.facts.get("old_sha256"),
-            new_sha256=item.facts.get("new_sha256"),
+            old_sha256=item.facts.old_sha256,
+            new_sha256=item.facts.new_sha256,
             api_calls=self.api.calls_for(plan.name),
             steps=steps,
             error=None
@@ -569,14 +567,14 @@ class _Recovery:
         return result
 
     def _unreachable(
-        self, ctx: RunContext, plan: HostPlan, item, exc: SshConnectError
+        self, ctx: RunContext, plan: HostPlan, item: DanglingHost, exc: SshConnectError
     ) -> HostResult:
         """Close the window the run may have left open (the API needs no host)
         unless another run may be at work on the host, and leave the host pending
         in the journal: nothing on it could be checked."""
         host = plan.host
         window = ""
-        if item.facts.get("window_maybe_open"):
+        if item.facts.window_maybe_open:
             other = self._other_run_at_work(item, plan)
             if other:
                 window = f"left the window to run {other}, which may be at work on the host; "
@@ -597,15 +595,15 @@ class _Recovery:
         )
         return self._report(self.progress, host.name, Outcome.UNSAFE, type(exc).__name__, message)
 
-    def _close_window(self, item, host: HostConfig) -> str:
+    def _close_window(self, item: DanglingHost, host: HostConfig) -> str:
         try:
             self.api.set_allow_clientless(host, False, retry=HARD_RETRY)
         except ApiError as err:
             return f"could not close the allow-clientless window ({err}); "
-        self.journal.update_host(item.run_id, host.name, window_maybe_open=False)
+        self.journal.update_host(item.run_id, host.name, **known(window_maybe_open=False))
         return "closed the allow-clientless window; "
 
-    def _other_run_at_work(self, item, plan: HostPlan) -> str | None:
+    def _other_run_at_work(self, item: DanglingHost, plan: HostPlan) -> str | None:
         """Another run of the journal that may be at work on this host right now."""
         for other in self.journal.dangling(exclude_live=False):
             if other.host != item.host or other.run_id == item.run_id:
@@ -637,15 +635,15 @@ class _Recovery:
 
 def _finished(state: dict[str, Any]) -> bool:
     """The journal has a final result for the host and no lock left to release."""
-    return state.get("result") is not None and not state.get("lock_maybe_held")
+    return state.get("result") is not None and not HostFacts.from_json(state).lock_maybe_held
 
 
-def _cleaned_up_outcome(facts: dict[str, Any], installed: str | None) -> Outcome:
+def _cleaned_up_outcome(facts: HostFacts, installed: str | None) -> Outcome:
     """What a run that cleaned up had come to, from its facts and the installed script."""
-    new, old = facts.get("new_sha256"), facts.get("old_sha256")
-    if facts.get("committed") or (facts.get("swap_started") and installed == new != old):
+    new, old = facts.new_sha256, facts.old_sha256
+    if facts.committed or (facts.swap_started and installed == new != old):
         return Outcome.UPGRADED
-    return Outcome.ROLLED_BACK if facts.get("swap_started") else Outcome.FAILED
+    return Outcome.ROLLED_BACK if facts.swap_started else Outcome.FAILED
 
 
 def _seconds(value: Any) -> float | None:
@@ -663,8 +661,8 @@ class _Unfinished(Fanout):
         self.journal, self.run_id = journal, run_id
 
     def host_finished(self, result: HostResult) -> None:
-        held = self.journal.host_state(self.run_id, result.host).get("lock_maybe_held")
-        if held and result.result is not Outcome.UNSAFE:
+        state = self.journal.host_state(self.run_id, result.host)
+        if HostFacts.from_json(state).lock_maybe_held and result.result is not Outcome.UNSAFE:
             note = "the host lock and run files stay; run `deployer recover` again"
             error = result.error or ErrorInfo(step=RECOVER_STEP, type="Unfinished", message="")
             error.message = f"{error.message}; {note}" if error.message else note

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from deployer.clock import Clock
 from deployer.errors import UsageError
 from deployer.events import EventSink
+from deployer.facts import known
 from deployer.model import HostConfig
 from deployer.parking import WAIT_STEP, ParkedHost, Parking, WaitPolicy, Watcher
 from deployer.result import (
@@ -571,7 +572,7 @@ class Rollout:
         if index not in self._wait_open:
             self._wait_open.add(index)
             assert wait.wall_deadline is not None  # OfflineWait.__post_init__ sets it
-            facts = {"waiting": True, "wait_deadline": round(wait.wall_deadline, 3)}
+            facts = known(waiting=True, wait_deadline=round(wait.wall_deadline, 3))
             self._emit("step_started", name, WAIT_STEP, facts)
         self._wake.set()
 
@@ -585,9 +586,9 @@ class Rollout:
         now = wait.clock.now()
         waited = now - entry.since
         self._waited[index] = waited
-        facts: dict[str, object] = {"waiting": False, "looks": entry.looks}
+        facts = known(waiting=False, looks=entry.looks)
         if entry.trusted_at is not None:  # trusted, then it waited this long for a slot
-            facts["queued_seconds"] = round(now - entry.trusted_at, 3)
+            facts = known(**facts, queued_seconds=round(now - entry.trusted_at, 3))
         self._emit("step_finished", entry.name, WAIT_STEP, StepStatus.OK, waited, facts)
 
     def _with_wait(self, index: int, result: HostResult) -> None:
@@ -622,7 +623,7 @@ class Rollout:
                 Outcome.SKIPPED,
                 error=ErrorInfo(step=None, type=SKIPPED_ERROR_TYPE, message=self._stop_reason),
             )
-            status, facts = StepStatus.SKIPPED, {"waiting": True, "looks": entry.looks}
+            status, facts = StepStatus.SKIPPED, known(waiting=True, looks=entry.looks)
         else:
             message = f"client not seen online long enough to trust in {_span(waited)} of waiting"
             result = HostResult(
@@ -630,7 +631,7 @@ class Rollout:
                 Outcome.OFFLINE,
                 error=ErrorInfo(step=WAIT_STEP, type=OFFLINE_ERROR_TYPE, message=message),
             )
-            status, facts = StepStatus.FAILED, {"waiting": False, "looks": entry.looks}
+            status, facts = StepStatus.FAILED, known(waiting=False, looks=entry.looks)
         result.waiting_seconds = waited
         result.steps.append(StepRecord(WAIT_STEP, status, waited))
         if entry.index in self._wait_open:

@@ -40,6 +40,7 @@ from deployer.errors import (
     VerifyError,
 )
 from deployer.events import EventSink
+from deployer.facts import Facts, HostFacts, known
 from deployer.guard import SLOW_STOP_WAIT, STOP_WAIT
 from deployer.guardlink import (
     ABORTED,
@@ -140,8 +141,8 @@ class HostRun:
         self.steps: list[StepRecord] = []
         self.step_name: str | None = None
         self.remote: Remote | None = None
-        self.script, self.new_sha = plan.script, plan.sha256
-        self.old_sha: str | None = None
+        self.script, self.new_sha256 = plan.script, plan.sha256
+        self.old_sha256: str | None = None
         self.installed_mode: str | None = None  # of the script found at inspect, "0755"
         self.diff: str | None = None
         self.tunnel_opened = self.locked = self.swap_started = self.committed = False
@@ -173,20 +174,21 @@ class HostRun:
     def execute(self) -> HostResult:
         return self._run(self._forward)
 
-    def resume(self, facts: dict[str, Any]) -> HostResult:
+    def resume(self, facts: HostFacts) -> HostResult:
         """``deployer recover``: finish a host that a vanished deployer left behind,
         from the facts it journalled before each action."""
-        self.swap_started = bool(facts.get("swap_started"))
-        self.committed = bool(facts.get("committed"))
-        self.commit_requested = bool(facts.get("commit_requested"))
-        self.tunnel_opened = bool(facts.get("tunnel_opened"))
-        self.locked = self.tunnel_ours = bool(facts.get("lock_maybe_held"))
-        self.guard_armed = bool(facts.get("guard_armed"))
-        self.old_sha = facts.get("old_sha256")
-        self.new_sha = facts.get("new_sha256")
-        self.backup_path = facts.get("backup_path")
+        self.swap_started = facts.swap_started
+        self.committed = facts.committed
+        self.commit_requested = facts.commit_requested
+        self.tunnel_opened = facts.tunnel_opened
+        # a lock that may be held is the run's: recover holds it in the run's name
+        self.locked = self.tunnel_ours = facts.lock_maybe_held
+        self.guard_armed = facts.guard_armed
+        self.old_sha256 = facts.old_sha256
+        self.new_sha256 = facts.new_sha256
+        self.backup_path = facts.backup_path
         self.swap_at = self.clock.now()  # unknown: allow the guard its whole deadline
-        if facts.get("window_maybe_open"):
+        if facts.window_maybe_open:
             self.window_open_since = self.clock.now()
         return self._run(lambda: self._step("recover", self._recover))
 
@@ -206,8 +208,8 @@ class HostRun:
         result = HostResult(
             host=self.host.name,
             result=outcome,
-            old_sha256=self.old_sha,
-            new_sha256=self.new_sha,
+            old_sha256=self.old_sha256,
+            new_sha256=self.new_sha256,
             exposure_seconds=self.exposure,
             api_calls=self.api.calls_for(self.host.name),
             duration_seconds=self.clock.now() - started,
@@ -258,7 +260,7 @@ class HostRun:
         self.steps.append(StepRecord(name, status, seconds))
         self._event("step_finished", self.host.name, name, status, seconds)
 
-    def _note(self, **facts: Any) -> None:
+    def _note(self, facts: Facts) -> None:
         """Journal what a later recover must know, before the action it describes.
 
         Going forward, a journal that cannot write stops the run before the
@@ -311,10 +313,12 @@ class HostRun:
 
     def _open_tunnel(self) -> None:
         self._note(
-            tunnel_opened=True,
-            script_path=self.paths.script_path,
-            run_dir=self.paths.run_dir,
-            lock_path=self.paths.lock,
+            known(
+                tunnel_opened=True,
+                script_path=self.paths.script_path,
+                run_dir=self.paths.run_dir,
+                lock_path=self.paths.lock,
+            )
         )
         self.tunnel_opened = True
         self.api.connect(self.host)
@@ -397,7 +401,7 @@ class HostRun:
     def _lock(self) -> None:
         """Take the host lock and, in the same round trip, look at the installed
         script (for the inspect stage)."""
-        self._note(lock_maybe_held=True)
+        self._note(known(lock_maybe_held=True))
         now = self.clock.wall()
         found = self.guard.inspect(
             owner=lock_owner(self.paths, self.ctx.owner, now),
@@ -419,28 +423,28 @@ class HostRun:
         when group or others can read the installed script: it holds credentials."""
         path = self.paths.script_path
         found = self.inspected or self.guard.inspect()  # the lock stage looked already
-        self.old_sha, self.installed_mode = found.sha256, found.mode
+        self.old_sha256, self.installed_mode = found.sha256, found.mode
         warning = loose_mode_warning(path, self.installed_mode, self.host.mode)
         if warning:
             self._message(warning)
         if self.ctx.options.command == "rollback":
             self._pick_backup()
-        self._note(old_sha256=self.old_sha, new_sha256=self.new_sha)
+        self._note(known(old_sha256=self.old_sha256, new_sha256=self.new_sha256))
         if self.ctx.options.dry_run:
             if read_lock(self._session(), self.paths) is not None:
                 self._leave_tunnel_to_the_lock_holder()  # a run is in progress there
             else:
                 self.tunnel_ours = True  # no run holds the host: nobody else rides on it
             self.diff = self._diff()
-            return self.old_sha != self.new_sha or self.ctx.options.force
-        return self.old_sha != self.new_sha or self.ctx.options.force
+            return self.old_sha256 != self.new_sha256 or self.ctx.options.force
+        return self.old_sha256 != self.new_sha256 or self.ctx.options.force
 
     def _pick_backup(self) -> None:
         """rollback: the newest backup that differs from the installed script."""
         for path in reversed(list_backups(self._session(), self.paths)):
             data = read_file(self._session(), path)
-            if sha256_hex(data) != self.old_sha:
-                self.script, self.new_sha = data, sha256_hex(data)
+            if sha256_hex(data) != self.old_sha256:
+                self.script, self.new_sha256 = data, sha256_hex(data)
                 return
         raise VerifyError(
             f"no backup of {self.paths.script_path} differs from the installed "
@@ -450,7 +454,7 @@ class HostRun:
         )
 
     def _diff(self) -> str:
-        old = b"" if self.old_sha is None else read_file(self._session(), self.paths.script_path)
+        old = b"" if self.old_sha256 is None else read_file(self._session(), self.paths.script_path)
         old_text = old.decode("utf-8", "replace") if old else ""
         new_text = (self.script or b"").decode("utf-8", "replace")
         lines = difflib.unified_diff(
@@ -467,10 +471,10 @@ class HostRun:
         ``validate`` and starts the guard armed; the channel stays open as the
         guard's stream."""
         p = self.paths
-        self.backup_path = backup = p.backup_for(self.old_sha, self.clock.wall())
+        self.backup_path = backup = p.backup_for(self.old_sha256, self.clock.wall())
         guard = self._guard_program(backup)
         # the same channel may start the guard: journal it as armed before it opens
-        self._note(staged=True, backup_path=backup, guard_armed=True)
+        self._note(known(staged=True, backup_path=backup, guard_armed=True))
         self.guard_armed = True
         self.armed_at = self.clock.now()  # before the guard starts its go deadline
         assert self.script is not None  # rendered at plan, or the backup picked at inspect
@@ -497,12 +501,12 @@ class HostRun:
         within = None
         if self.armed_at is not None and not self.swap_started:
             within = self.armed_at + go_deadline(self.plan) - OPEN_MARGIN - self.clock.now()
-        self._note(window_maybe_open=True)
+        self._note(known(window_maybe_open=True))
         self.window_open_since = self.clock.now()
         self.api.set_allow_clientless(self.host, True, within=within)
 
     def _swap(self) -> None:
-        self._note(swap_started=True)
+        self._note(known(swap_started=True))
         self.swap_started = True
         self.swap_at = self.clock.now()
         self.guard.signal(GO)
@@ -572,7 +576,7 @@ class HostRun:
         if self.window_open_since is not None:
             self.exposure += self.clock.now() - self.window_open_since
         self.window_open_since = None
-        self._note(window_maybe_open=False)
+        self._note(known(window_maybe_open=False))
 
     def _soak(self) -> None:
         end = self.clock.now() + self.plan.stable_for
@@ -603,13 +607,13 @@ class HostRun:
             )
 
     def _commit(self) -> None:
-        self._note(commit_requested=True)
+        self._note(known(commit_requested=True))
         self.commit_requested = True
         self.guard.signal(COMMIT)
         state = self.guard.await_commit(COMMIT_WAIT)
         if state == COMMITTED:
             self.committed = True
-            self._note(committed=True)
+            self._note(known(committed=True))
             return
         if state in REVERTING_STATES:
             raise GuardError(
@@ -668,7 +672,7 @@ class HostRun:
         """We connected, but never held the host lock: another run may be using
         this tunnel right now (its connect came first), so it is not ours to close."""
         self.tunnel_opened = False
-        self._note(tunnel_opened=False)
+        self._note(known(tunnel_opened=False))
         self._message(
             "left the tunnel open: deployer did not hold the host lock, so another run "
             f"may be using it; if none is, close it with `deployer api disconnect {self.host.name}`"
@@ -678,7 +682,7 @@ class HostRun:
         """Another deployer works on this host through the same tunnel: never close it."""
         self.tunnel_opened = False
         self.locked = False
-        self._note(tunnel_opened=False, lock_maybe_held=False)
+        self._note(known(tunnel_opened=False, lock_maybe_held=False))
 
     def _disarm(self) -> None:
         """Stop an armed guard before the lock goes: it must not act on a later run."""
@@ -708,7 +712,7 @@ class HostRun:
                 state = self.guard.await_final(COMMIT_WAIT)  # never race a commit
             if state == COMMITTED:
                 return self._committed_after_all()
-            if not lines and self._installed() == self.old_sha:
+            if not lines and self._installed() == self.old_sha256:
                 return Outcome.FAILED  # the guard never ran: nothing changed
             if state not in (REVERTED, ABORTED):
                 # a guard that hit an error no longer reads its control files
@@ -736,7 +740,7 @@ class HostRun:
     def _committed_after_all(self) -> Outcome:
         """The guard took the commit: the new script stays, whatever failed after."""
         self.committed = True
-        self._note(committed=True)
+        self._note(known(committed=True))
         if self.window_open_since is not None:
             self._shut_window()
         return Outcome.UPGRADED
@@ -762,7 +766,7 @@ class HostRun:
         if self.window_open_since is None:
             self._open_window()  # the old client's restart must not cut the tunnel
         if relaunch:  # the run's guard is gone (host rebooted, killed): a new one undoes
-            backup = self.backup_path or self.paths.backup_for(self.old_sha, self.clock.wall())
+            backup = self.backup_path or self.paths.backup_for(self.old_sha256, self.clock.wall())
             self.guard.relaunch(self._guard_program(backup))
         else:
             self.guard.signal(REVERT, regain=False)
@@ -778,7 +782,7 @@ class HostRun:
             if self.clock.now() > end:
                 raise ClientOffline("old client not online after the revert", host=self.host.name)
             self.clock.sleep(0.5)
-        if self._installed() != self.old_sha:
+        if self._installed() != self.old_sha256:
             raise VerifyError(
                 "after the revert the installed script is not the old one", host=self.host.name
             )
@@ -857,7 +861,7 @@ class HostRun:
         if self.tunnel_opened:
             try:
                 self.api.disconnect(self.host)
-                self._note(tunnel_opened=False)
+                self._note(known(tunnel_opened=False))
             except ApiError as exc:
                 status = StepStatus.FAILED
                 self._message(f"disconnect failed, the tunnel may stay open: {exc}")
@@ -898,7 +902,7 @@ class HostRun:
             return
         self.guard.clean(keep=keep, remove_run=True, release_lock=self.locked)
         if self.locked:
-            self._note(lock_maybe_held=False)
+            self._note(known(lock_maybe_held=False))
 
     def _message(self, text: str) -> None:
         self._event("message", self.host.name, scrub(text, self.ctx.inventory.secret_values()))

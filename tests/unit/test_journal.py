@@ -16,6 +16,7 @@ import pytest
 from deployer.clock import FakeClock
 from deployer.errors import ClientOffline, JournalError
 from deployer.events import Fanout
+from deployer.facts import HostFacts
 from deployer.journal import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -229,7 +230,7 @@ def test_host_of_a_live_run_is_not_dangling_unless_asked(journal):
     assert journal.dangling() == []
     (d,) = journal.dangling(exclude_live=False)
     assert (d.run_id, d.host, d.last_step, d.last_status) == ("r1", "pi-01", "swap", STEP_STARTED)
-    assert d.facts == {"window_maybe_open": True}
+    assert d.facts == HostFacts(window_maybe_open=True)
 
 
 def test_hosts_of_a_dead_process_are_dangling_until_finished(tmp_path):
@@ -253,7 +254,7 @@ def test_hosts_of_a_dead_process_are_dangling_until_finished(tmp_path):
             "first_life",
             STEP_STARTED,
         )
-        assert dangling["pi-01"].facts == {"window_maybe_open": True}
+        assert dangling["pi-01"].facts == HostFacts(window_maybe_open=True)
         assert dangling["pi-02"].last_status == "failed"
         assert dangling["pi-01"].pid == j.runs()[0].pid != os.getpid()
 
