@@ -517,12 +517,13 @@ class GuardLink:
 
     def state(self, step: str | None = None, fresh: bool = True) -> str:
         """The guard's current state; raises if it is reverting or gave up."""
-        last = self.last(fresh)
-        state = last.get("state", "")
+        lines = self.lines(fresh)
+        state = lines[-1].get("state", "") if lines else ""
         if state in REVERTING_STATES:
-            raise GuardError(
-                f"the guard is reverting: {last.get('reason', state)}", host=self.host, step=step
-            )
+            # the reason is on the line that began the revert, not on the last one
+            reason = next((ln["reason"] for ln in reversed(lines) if ln.get("reason")), state)
+            doing = "reverted" if state in FINAL_STATES else "is reverting"
+            raise GuardError(f"the guard {doing}: {reason}", host=self.host, step=step)
         return state
 
     def alive(self, pid: Any) -> bool:

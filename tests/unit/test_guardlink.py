@@ -15,13 +15,14 @@ import pytest
 
 from deployer import guardlink
 from deployer.clock import Clock
-from deployer.errors import VerifyError
+from deployer.errors import GuardError, VerifyError
 from deployer.guardlink import (
     ARMED,
     CONTROLS,
     FINAL_STATES,
     GO,
     REVERTED,
+    REVERTING,
     REVERTING_STATES,
     RUNNING,
     WATCHING_STATES,
@@ -166,6 +167,16 @@ def test_a_stream_replays_the_status_and_sees_it_cut(host):
     assert host.link.lines() == []
     host.write_status(REVERTED)
     assert host.link.last()["state"] == REVERTED
+
+
+def test_a_reverted_guard_is_reported_with_the_reason_it_reverted_for(host):
+    host.run_dir.mkdir(parents=True)
+    host.write_status(ARMED, RUNNING)
+    with open(host.run_dir / "status", "a") as fh:  # the reason is on the reverting line only
+        fh.write(json.dumps({"state": REVERTING, "pid": 1, "reason": "deployer went silent"}) + "\n")
+    host.write_status(REVERTED)
+    with pytest.raises(GuardError, match="the guard reverted: deployer went silent"):
+        host.link.state("soak")
 
 
 def test_a_lost_stream_is_regained_and_the_swap_words_written_again(host):
