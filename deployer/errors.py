@@ -9,6 +9,9 @@ values only (see ``deployer.secrets``).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # some host rolled_back / failed / skipped, none unsafe
 EXIT_USAGE = 2  # usage, inventory or template error: nothing touched
@@ -233,3 +236,13 @@ class Interrupted(DeployerError):
 
 class JournalError(DeployerError):
     """The state journal cannot be opened or written."""
+
+
+# --- message help -------------------------------------------------------------
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate a mistyped ``name`` most likely meant, for a message's
+    "did you mean" fix; None when none is close."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None

@@ -15,8 +15,6 @@ it, and names the ``chmod 600`` that fixes it.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import os
 import re
 import shlex
@@ -28,10 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from deployer.errors import InventoryError, UsageError
+from deployer.errors import InventoryError, UsageError, closest_name
 from deployer.model import HostConfig, Inventory, ProviderConfig, ServiceConfig
 from deployer.result import readable_by
 from deployer.secrets import Secret, scrub
+from deployer.targets import RESERVED_TARGETS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -107,7 +106,6 @@ SOURCES = ("template", "provider")  # where a host's script comes from (deployer
 # Credential keys, wherever they stand: masked in messages, and a literal one
 # (not ${ENV}) makes the file private (see _check_private).
 SECRET_KEYS = frozenset({"user_id", "dbid", "host_uuid", "api_key", "client_id"})
-RESERVED_TARGETS = frozenset({"all"})
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -116,7 +114,6 @@ SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 ENV_ESCAPE = "$${"
 ENV_ONLY_RE = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|\s)+")  # fullmatch: no literal part
-GLOB_CHARS = frozenset("*?[")
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 TYPE_NAMES.update({dict: "a table", list: "an array"})
 
@@ -211,13 +208,8 @@ def _describe_key(key: KeyPath) -> str:
     return f"{text} {'.'.join(rest)}" if rest else text
 
 
-def _closest(name: str, candidates: Iterable[str]) -> str | None:
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return matches[0] if matches else None
-
-
 def _unknown_key_fix(name: str, valid: Iterable[str]) -> str:
-    closest = _closest(name, valid)
+    closest = closest_name(name, valid)
     if closest:
         return f"did you mean '{closest}'?"
     return f"valid keys: {', '.join(sorted(valid))}"
@@ -723,7 +715,7 @@ def _load_hosts(
         layers = [_Layer(("defaults",), defaults)]
         for group in settings.get("groups", ()):
             if group not in groups:
-                fix = _closest(group, groups)
+                fix = closest_name(group, groups)
                 hint = f"did you mean '{fix}'?" if fix else f"add a [groups.{group}] table"
                 raise source.error(("hosts", name, "groups"), f"unknown group '{group}'", hint)
             layers.append(_Layer(("groups", group), groups[group]))
@@ -761,44 +753,6 @@ def parse_var_overrides(items: Sequence[str]) -> dict[str, str]:
             )
         result[name] = value
     return result
-
-
-def select_hosts(inventory: Inventory, targets: Sequence[str]) -> list[HostConfig]:
-    """Hosts named by ``targets`` (names, ``@group``, ``all``, globs), in file order."""
-    if not targets:
-        raise UsageError("no targets given; name hosts, @group, a glob like 'pi-*', or all")
-    wanted: set[str] = set()
-    for target in targets:
-        matched = _match_target(inventory, target)
-        if not matched:
-            raise UsageError(_unmatched_message(inventory, target))
-        wanted.update(matched)
-    return [host for name, host in inventory.hosts.items() if name in wanted]
-
-
-def _match_target(inventory: Inventory, target: str) -> list[str]:
-    if target == "all":
-        return list(inventory.hosts)
-    if target.startswith("@"):
-        pattern = target[1:]
-        groups = [g for g in inventory.groups if _matches(g, pattern)]
-        return [h for g in groups for h in inventory.groups[g]]
-    return [h for h in inventory.hosts if _matches(h, target)]
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if GLOB_CHARS.intersection(pattern):
-        return fnmatch.fnmatchcase(name, pattern)
-    return name == pattern
-
-
-def _unmatched_message(inventory: Inventory, target: str) -> str:
-    if target.startswith("@") and target[1:] in inventory.groups:
-        return f"target '{target}': group '{target[1:]}' has no hosts; add it to a host's groups"
-    candidates = [*inventory.hosts, *(f"@{g}" for g in inventory.groups)]
-    closest = _closest(target, candidates)
-    hint = f"did you mean '{closest}'?" if closest else "see `deployer hosts` for the names"
-    return f"target '{target}' matches no host or group; {hint}"
 
 
 def describe_host(inventory: Inventory, host: HostConfig) -> dict[str, Any]:

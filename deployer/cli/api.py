@@ -44,7 +44,7 @@ def api(ctx: click.Context, call: str, host: str, allow: str | None) -> None:
 
 def _one_host(inventory, name: str):
     from deployer.errors import UsageError
-    from deployer.inventory import select_hosts
+    from deployer.targets import select_hosts
 
     hosts = select_hosts(inventory, [name])
     if len(hosts) != 1:

@@ -26,7 +26,8 @@ COLUMNS = (
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list on stdout.")
 @click.pass_obj
 def hosts(obj, targets: tuple[str, ...], as_json: bool) -> None:
-    from deployer.inventory import describe_host, select_hosts
+    from deployer.inventory import describe_host
+    from deployer.targets import select_hosts
 
     inventory = obj.load_inventory()
     rows = [describe_host(inventory, h) for h in select_hosts(inventory, targets or ("all",))]

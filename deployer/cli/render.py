@@ -37,8 +37,9 @@ def render(
     obj, host: str, var_items: tuple[str, ...], template: Path | None, output: Path | None
 ) -> None:
     from deployer.errors import UsageError
-    from deployer.inventory import parse_var_overrides, select_hosts
+    from deployer.inventory import parse_var_overrides
     from deployer.render import mask_secrets
+    from deployer.targets import select_hosts
 
     overrides = parse_var_overrides(var_items)
     inventory = obj.load_inventory(overrides)

@@ -29,7 +29,7 @@ COLUMNS = ("HOST", "ONLINE", "ERROR_CODE", "DETAIL")
 @click.pass_context
 def status(ctx: click.Context, targets: tuple[str, ...], as_json: bool, parallel: int) -> None:
     from deployer.api import ProviderAPI, fleet_status
-    from deployer.inventory import select_hosts
+    from deployer.targets import select_hosts
 
     inventory = ctx.obj.load_inventory()
     hosts = select_hosts(inventory, targets or ("all",))

@@ -113,8 +113,8 @@ def _run(
 ) -> None:
     from deployer import report as reporting
     from deployer.cli.options import build_policy
-    from deployer.inventory import select_hosts
     from deployer.progress import make_progress
+    from deployer.targets import select_hosts
     from deployer.upgrade import UpgradeRequest, run_upgrade
     from deployer.workflow import UpgradeOptions
 
