@@ -173,7 +173,9 @@ def test_a_reverted_guard_is_reported_with_the_reason_it_reverted_for(host):
     host.run_dir.mkdir(parents=True)
     host.write_status(ARMED, RUNNING)
     with open(host.run_dir / "status", "a") as fh:  # the reason is on the reverting line only
-        fh.write(json.dumps({"state": REVERTING, "pid": 1, "reason": "deployer went silent"}) + "\n")
+        fh.write(
+            json.dumps({"state": REVERTING, "pid": 1, "reason": "deployer went silent"}) + "\n"
+        )
     host.write_status(REVERTED)
     with pytest.raises(GuardError, match="the guard reverted: deployer went silent"):
         host.link.state("soak")
