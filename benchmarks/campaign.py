@@ -268,8 +268,11 @@ class Campaign:
         with self.lock:
             self.runs.append(run)
             done, bad = len(self.runs), sum(r.bad for r in self.runs)
+            if self.opts.details:  # as the runs end, so a long campaign can be read meanwhile
+                with open(self.opts.details.with_suffix(".jsonl"), "a") as fh:
+                    fh.write(json.dumps(_brief(run)) + "\n")
         if done % 25 == 0 or run.bad:
-            flag = f"  BAD: {run.problems or run.lie}" if run.bad else ""
+            flag = f"  BAD: {json.dumps(_brief(run))}" if run.bad else ""
             print(f"{done}/{self.opts.runs} runs, {bad} bad{flag}", file=sys.stderr, flush=True)
 
     def recover(self, state_dir: Path | None = None) -> tuple[int, dict[str, Any]]:
