@@ -20,7 +20,7 @@ import pytest
 
 from deployer.sandbox import processes
 from deployer.sandbox.sshd import session_env
-from tests.e2e.test_upgrade import (
+from tests.e2e.sandbox_checks import (
     assert_window_shut,
     rendered,
     run_json,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_upgrade import assert_window_shut, delta, installed_sha, wait_running
+from tests.e2e.sandbox_checks import assert_window_shut, delta, installed_sha, wait_running
 from tests.sandbox_fixture import Sandbox
 
 pytestmark = pytest.mark.e2e

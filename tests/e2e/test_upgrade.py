@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,6 +26,15 @@ else:  # pragma: no cover - Python 3.10
 
 from deployer.sandbox import processes
 from tests.chaos.harness import ClientRun, client_runs
+from tests.e2e.sandbox_checks import (
+    assert_no_credentials,
+    assert_window_shut,
+    delta,
+    installed_sha,
+    rendered_sha,
+    run_json,
+    wait_running,
+)
 from tests.sandbox_fixture import Sandbox, requires_openssh, write_private
 from tests.spec import SPEC_STEPS
 
@@ -36,80 +44,13 @@ SSHD_KINDS = [
     pytest.param("embedded", id="embedded"),
     pytest.param("openssh", id="openssh", marks=[pytest.mark.openssh, requires_openssh]),
 ]
-END_STATE_WAIT = 15.0  # seconds for the running client's next polls to reach the simulator
 
 
-# --- helpers (also used by test_hostile) -------------------------------------------------
-
-
-def run_json(sb: Sandbox, command: str, host: str, *args: str) -> tuple[int, dict, str]:
-    """``deployer COMMAND HOST --json ARGS…`` -> (exit code, its one host's report, stderr)."""
-    code, out, err = sb.run_cli(command, host, "--json", *args)
-    assert out.strip(), f"no JSON report on stdout (exit {code}); stderr:\n{err}"
-    assert_no_credentials(sb, out + err)
-    report = json.loads(out)
-    assert [h["host"] for h in report["hosts"]] == [host], report
-    return code, report["hosts"][0], err
-
-
-def credentials(sb: Sandbox) -> list[str]:
-    """user_id, and every host's dbid and host_uuid, from the sandbox inventory."""
-    inv = tomllib.loads(sb.inventory.read_text())
-    found = [inv["provider"]["user_id"]]
-    for host in inv["hosts"].values():
-        found += [host["dbid"], host["host_uuid"]]
-    return found
-
-
-def assert_no_credentials(sb: Sandbox, text: str) -> None:
-    leaked = [c[-4:] for c in credentials(sb) if c in text]
-    assert not leaked, f"credentials ending {leaked} in deployer's output"
+# --- helpers -------------------------------------------------------------------------
 
 
 def upgrade(sb: Sandbox, host: str, *args: str) -> tuple[int, dict, str]:
     return run_json(sb, "upgrade", host, *args)
-
-
-def rendered(sb: Sandbox, host: str, *var_args: str) -> bytes:
-    """The exact script deployer would install (``deployer render --output``, SPEC 3)."""
-    out = sb.dir / f"rendered-{host}.py"
-    code, stdout, err = sb.run_cli("render", host, "--output", str(out), *var_args)
-    assert code == 0, err
-    data = out.read_bytes()
-    out.unlink()
-    assert stdout.split()[0] == hashlib.sha256(data).hexdigest(), stdout
-    return data
-
-
-def rendered_sha(sb: Sandbox, host: str, *var_args: str) -> str:
-    return hashlib.sha256(rendered(sb, host, *var_args)).hexdigest()
-
-
-def installed_sha(sb: Sandbox, host: str) -> str:
-    return hashlib.sha256((sb.host_dir(host) / "client.py").read_bytes()).hexdigest()
-
-
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before.get(k, 0) for k in after}
-
-
-def wait_running(sb: Sandbox, host: str, sha: str) -> dict[str, Any]:
-    """The simulator's host state once a client running ``sha`` polls, online (the
-    ``sha256`` its polls report; fails after a while)."""
-    sb.client.wait_for(
-        [host],
-        lambda h: h["online"] and h["script_sha256"] == sha,
-        END_STATE_WAIT,
-        f"running {sha[:12]}",
-    )
-    return sb.host(host)
-
-
-def assert_window_shut(state: dict[str, Any]) -> None:
-    """allow-clientless false, every exposure interval closed, our tunnel closed."""
-    assert state["allow_clientless"] is False, state
-    assert all(t_close is not None for _, t_close in state["exposures"]), state["exposures"]
-    assert state["tunnel_open"] is False, state
 
 
 def clients_started_in(sb: Sandbox, host: str, sha: str, window: list) -> list[ClientRun]:
@@ -466,7 +407,6 @@ def test_a_changed_host_key_is_refused_before_the_window_opens(quiet_fleet):
 def _impostor_key() -> tuple[str, str]:
     """A fresh ed25519 host key: (its known_hosts "type base64" part, its SHA256 fingerprint)."""
     import base64
-    import hashlib
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
