@@ -50,6 +50,10 @@ FAILURE_OUTCOMES = frozenset({Outcome.ROLLED_BACK, Outcome.FAILED, Outcome.UNSAF
 NOT_RUN_OUTCOMES = frozenset({Outcome.SKIPPED, Outcome.OFFLINE})
 OUTCOME_ORDER = [o.value for o in Outcome]
 
+#: the JSON report's ``report_version`` (docs/reference/report.md): raised by any change
+#: that could break a reader which ignores unknown keys; a new key leaves it as it is
+REPORT_VERSION = 1
+
 
 class StepStatus(str, Enum):
     """How a step ended: the ``status`` of a host's ``steps`` in the report and of a
@@ -203,6 +207,7 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "report_version": REPORT_VERSION,
             "run_id": self.run_id,
             "started": iso(self.started),
             "finished": iso(self.finished),

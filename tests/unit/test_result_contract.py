@@ -22,6 +22,7 @@ from deployer.errors import (
 from deployer.result import (
     FAILURE_OUTCOMES,
     NOT_RUN_OUTCOMES,
+    REPORT_VERSION,
     SUCCESS_OUTCOMES,
     ErrorInfo,
     HostResult,
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.unit
 
 REPORT_DOC = Path(__file__).resolve().parents[2] / "docs" / "reference" / "report.md"
 
-RUN_KEYS = {"run_id", "started", "finished", "ok", "hosts", "summary"}
+RUN_KEYS = {"report_version", "run_id", "started", "finished", "ok", "hosts", "summary"}
 HOST_KEYS = {
     "host",
     "result",
@@ -96,12 +97,30 @@ def assert_iso8601_utc(value: str) -> None:
 def test_run_keys_and_types():
     doc = document(full_run())
     assert set(doc) == RUN_KEYS
+    assert isinstance(doc["report_version"], int) and not isinstance(doc["report_version"], bool)
     assert isinstance(doc["run_id"], str)
     assert isinstance(doc["ok"], bool)
     assert isinstance(doc["hosts"], list)
     assert_iso8601_utc(doc["started"])
     assert_iso8601_utc(doc["finished"])
     assert doc["started"] == "2023-11-14T22:13:20+00:00"
+
+
+def test_report_version_comes_first_and_is_the_format_s_version():
+    doc = document(full_run())
+    assert list(doc)[0] == "report_version"
+    assert doc["report_version"] == REPORT_VERSION == 1  # raise both, with the docs, together
+
+
+def test_the_docs_example_is_a_report_of_this_version():
+    text = REPORT_DOC.read_text(encoding="utf-8")
+    example = json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])
+    assert example["report_version"] == REPORT_VERSION
+    assert set(example) == RUN_KEYS
+    assert all(set(host) == HOST_KEYS for host in example["hosts"])
+    rows = {row[0]: row for row in doc_table("### The run")}
+    assert set(rows) == RUN_KEYS
+    assert rows["report_version"][2].endswith(f"; {REPORT_VERSION}")
 
 
 def test_host_keys_and_types():
