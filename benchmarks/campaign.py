@@ -105,7 +105,7 @@ KILL_SHARE = 0.75
 RECOVER_SHARE = 0.5
 GUARD_CLOSE_RETRY = 90.0  # the guard retries closing the window this long (guard.py)
 RECOVER_HORIZON = 240.0  # seconds an operator goes on re-running recover after a run
-LOOK = 0.1  # seconds between looks at a host
+LOOK = 0.25  # seconds between looks at a host (each reads the whole state)
 STATE_FS_SIZE = 512 * 1024  # bytes of the disk_full tmpfs
 RESULTS_OLD = {"rolled_back", "failed", "unchanged", "skipped", "offline"}
 
