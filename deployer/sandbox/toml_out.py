@@ -3,15 +3,39 @@
 Enough TOML for an inventory, and no more: one ``[table]`` at a time, of bare
 keys (letters, digits, ``_`` and ``-``: the caller's own), whose values are
 strings, booleans, numbers, lists and inline tables of those. Strings are
-written as JSON strings, which are TOML basic strings. The standard library
+TOML basic strings: ``"`` and ``\\`` escaped, control characters (and DEL) as
+``\\uXXXX``, everything else as it is (JSON's escapes would not do: it writes a
+character beyond the BMP as a surrogate pair, which TOML refuses). The standard library
 reads TOML (``tomllib``) but does not write it, and the sandbox needs no
 dependency for this.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string."""
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def toml_value(value: Any) -> str:
@@ -26,7 +50,7 @@ def toml_value(value: Any) -> str:
         return "{}"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+    return toml_string(str(value))
 
 
 def toml_table(name: str, values: dict[str, Any]) -> str:

@@ -70,10 +70,10 @@ def test_the_exact_forms():
     assert toml_value('a"b') == '"a\\"b"'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, kept as it was: a character beyond the BMP is written as a JSON "
-    "surrogate pair, which TOML refuses (only a sandbox path with such a character hits it)",
-)
 def test_a_character_beyond_the_bmp_round_trips():
     assert tomllib.loads(f"v = {toml_value('🚀')}") == {"v": "🚀"}
+
+
+def test_every_control_character_and_del_round_trip():
+    text = "".join(chr(c) for c in range(0x20)) + "\x7f" + 'a"b\\c é 中'
+    assert tomllib.loads(f"v = {toml_value(text)}") == {"v": text}
