@@ -25,20 +25,7 @@ from tests.doubles import FakeApi, ProcessReaper, Recorder, RemoteFactory
 from tests.hostile_inventory import DBID, USER_ID, leaked, write_inventory
 from tests.local_site import Site
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _guard_without_api(monkeypatch):
-    """The guard's own provider calls are off (``api: None``), as in test_workflow."""
-    from deployer import workflow
-
-    real = workflow.guard_config
-
-    def guard_config(*args, **kwargs):
-        return {**real(*args, **kwargs), "api": None}
-
-    monkeypatch.setattr(workflow, "guard_config", guard_config)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("guard_without_api")]
 
 
 @pytest.fixture

@@ -36,21 +36,9 @@ from tests.doubles import (
 from tests.local_site import Site
 from tests.spec import SPEC_STEPS
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("guard_without_api")]
 
 FORWARD_STEPS = list(SPEC_STEPS)
-
-
-@pytest.fixture(autouse=True)
-def _guard_without_api(monkeypatch):
-    """The guard's own provider calls are off here (``api: None``): unit tests
-    have no provider to call; the e2e tests on the sandbox cover them."""
-    real = workflow.guard_config
-
-    def guard_config(*args, **kwargs):
-        return {**real(*args, **kwargs), "api": None}
-
-    monkeypatch.setattr(workflow, "guard_config", guard_config)
 
 
 @pytest.fixture
