@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.clock import Clock
-from deployer.errors import ApiError, RemoteError, SshConnectError
+from deployer.errors import ApiError, RemoteError, SshConnectError, SshSessionLost
 from deployer.events import EventSink, Fanout
 from deployer.facts import HostFacts, known
 from deployer.hostfiles import HostPaths, release_lock, remote_sha256
@@ -87,6 +87,8 @@ RECOVER_STEP = "recover"
 OWNER_GRACE = 1.0  # seconds: a lock without its owner file yet may be a run writing it now
 AWAIT_POLL = 0.5  # seconds between looks at the journal while another recover finishes a host
 TAKEN = "taken-"  # lock/taken-HOLDER: the one recover that took HOLDER's lock over
+CLAIMED = "claimed"  # what the host prints once the lock is claimed and its owner written
+SESSION_CUTS = 2  # sessions lost under recover on one host before it gives up
 
 #: makes the progress sink once the number of hosts to recover is known
 ProgressFactory = Callable[[int], EventSink]
@@ -257,33 +259,51 @@ class _Recovery:
             return self._left_alone(item.host, alive)
         if not item.facts.left_on_host():
             return HostRun(ctx, plan).resume(item.facts)  # nothing on the host: no need to go
-        try:
-            remote = self._reach(plan)
-        except SshConnectError as exc:
-            return self._unreachable(ctx, plan, item, exc)
-        try:
-            busy = self._hold(remote, plan, item)
-            if busy is not None and busy.recover is not None:
-                done = self._await_other_recover(item, busy.recover, plan)
+        for attempt in range(1, SESSION_CUTS + 2):
+            try:
+                remote = self._reach(plan)
+            except SshConnectError as exc:
+                return self._unreachable(ctx, plan, item, exc)
+            try:
+                done = self._recover_on(ctx, plan, item, remote)
                 if done is not None:
                     return done
-                busy = self._hold(remote, plan, item)  # it is gone without finishing
-            state = self.journal.host_state(item.run_id, item.host)
-            if _finished(state):  # another recover finished it meanwhile
-                if busy is None:
-                    release_lock(remote, plan.paths)  # ours, taken for nothing
-                return self._recorded(item, state)
-            if busy is not None:
-                return self._left_alone(item.host, busy.why)
-            self.journal.update_host(item.run_id, item.host, **known(lock_maybe_held=True))
-            if not remote.run(sh("test", "-d", plan.paths.run_dir), check=False).ok:
-                return self._cleaned_up(ctx, plan, item, remote)
-            changed = self._changed_since(remote, plan, item)
-            if changed:
-                return self._leave_later_script(ctx, plan, item, remote, changed)
-        finally:
-            remote.close()
+                break
+            except SshSessionLost:
+                # Another deployer closed the tunnel this session rode on (a recover
+                # that finished the same run disconnects): reach the host again; the
+                # lock, if taken, is taken whole (see _hold) and ours to find again.
+                if attempt > SESSION_CUTS:
+                    raise
+            finally:
+                remote.close()
         return HostRun(ctx, plan).resume(dataclasses.replace(item.facts, lock_maybe_held=True))
+
+    def _recover_on(
+        self, ctx: RunContext, plan: HostPlan, item: DanglingHost, remote: Remote
+    ) -> HostResult | None:
+        """Hold the lock and finish what needs no undo; None: the run is to be
+        resumed (rolled back or committed) under the lock now held."""
+        busy = self._hold(remote, plan, item)
+        if busy is not None and busy.recover is not None:
+            done = self._await_other_recover(item, busy.recover, plan)
+            if done is not None:
+                return done
+            busy = self._hold(remote, plan, item)  # it is gone without finishing
+        state = self.journal.host_state(item.run_id, item.host)
+        if _finished(state):  # another recover finished it meanwhile
+            if busy is None:
+                release_lock(remote, plan.paths)  # ours, taken for nothing
+            return self._recorded(item, state)
+        if busy is not None:
+            return self._left_alone(item.host, busy.why)
+        self.journal.update_host(item.run_id, item.host, **known(lock_maybe_held=True))
+        if not remote.run(sh("test", "-d", plan.paths.run_dir), check=False).ok:
+            return self._cleaned_up(ctx, plan, item, remote)
+        changed = self._changed_since(remote, plan, item)
+        if changed:
+            return self._leave_later_script(ctx, plan, item, remote, changed)
+        return None
 
     def _plan(self, host: HostConfig, item: DanglingHost) -> HostPlan:
         record = self.journal.run(item.run_id)
@@ -343,14 +363,25 @@ class _Recovery:
         """Take the host lock for the recovery of ``item``'s run: None once held,
         else why the host is left alone (and the recover at work on it, if one is)."""
         p = plan.paths
-        made = remote.run(f"mkdir -p {sh(p.base)} && mkdir {sh(p.lock)}", check=False).ok
-        holder = None if made else self._read_holder(remote, p)
-        if holder is None and not made:
+        # An absent lock is made, claimed and given its owner file by one command:
+        # a session cut mid-way (the host finishes the command) cannot leave a lock
+        # without an owner, which would refuse every later run.
+        took = remote.run(
+            f"mkdir -p {sh(p.base)} && if mkdir {sh(p.lock)} 2>/dev/null; then "
+            f"{self._claim(p, item.run_id, item.run_id)}; else echo exists; fi",
+            check=False,
+        )
+        if took.ok and took.stdout.strip() == CLAIMED:
+            return None
+        holder = self._read_holder(remote, p)
+        if holder is None:
             self.clock.sleep(OWNER_GRACE)  # a run may be writing its owner file right now
             holder = self._read_holder(remote, p)
             if holder is None and not item.facts.lock_maybe_held:
                 return _Busy(f"the host lock {p.lock} has no owner file; this run never took it")
         key = item.run_id
+        if holder is not None and (holder.recover or {}).get("run_id") == self.recover_id:
+            return None  # ours: taken before a session cut, found again
         if holder is not None and holder.run_id != item.run_id:
             return _Busy(
                 f"the host lock is {holder.describe(self.clock.wall())}: another run holds "
@@ -361,13 +392,12 @@ class _Recovery:
                 why = f"another deployer recover ({holder.owner}) is finishing this host"
                 return _Busy(why, holder)
             key = str(holder.recover.get("run_id"))
-        claim = remote.run(sh("mkdir", f"{p.lock}/{TAKEN}{key}"), check=False)
-        if not claim.ok:  # another recover took it over a moment ago
+        claim = remote.run(self._claim(p, key, item.run_id), check=False)
+        if not (claim.ok and claim.stdout.strip() == CLAIMED):  # another recover was first
             self.clock.sleep(OWNER_GRACE)  # let it write its owner file
             holder = self._read_holder(remote, p)
             winner = holder if holder is not None and holder.recover else None
             return _Busy("another deployer recover is taking this host over", winner)
-        self._write_owner(remote, p, item.run_id)
         return None
 
     def _await_other_recover(
@@ -424,9 +454,18 @@ class _Recovery:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def _write_owner(self, remote: Remote, paths: HostPaths, run_id: str) -> None:
-        """The owner file, replaced at once (a reader never sees half of it): the
-        recovered run's id, so its cleanup releases the lock, and this process."""
+    def _claim(self, paths: HostPaths, key: str, run_id: str) -> str:
+        """A host command: claim the lock (``mkdir lock/taken-KEY``: one recover
+        only) and write the owner file, then print CLAIMED."""
+        return (
+            f"{sh('mkdir', f'{paths.lock}/{TAKEN}{key}')} && "
+            f"{self._owner_command(paths, run_id)} && echo {CLAIMED}"
+        )
+
+    def _owner_command(self, paths: HostPaths, run_id: str) -> str:
+        """A host command that writes the owner file, replaced at once (a reader
+        never sees half of it): the recovered run's id, so its cleanup releases the
+        lock, and this process."""
         pid = os.getpid()
         owner = {
             "owner": f"deployer recover {self.recover_id} ({owner_label()})",
@@ -440,7 +479,7 @@ class _Recovery:
             },
         }
         tmp = f"{paths.lock}/.owner.{self.recover_id}"
-        remote.run(
+        return (
             f"printf %s {sh(json.dumps(owner))} > {sh(tmp)} && mv -f {sh(tmp)} "
             f"{sh(paths.lock + '/owner')}"
         )

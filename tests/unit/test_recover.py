@@ -362,6 +362,32 @@ def test_a_run_whose_run_dir_is_gone_is_only_closed_and_marked(fleet):
     )
 
 
+def test_a_session_cut_while_recover_takes_the_lock_leaves_no_ownerless_lock(fleet):
+    """Another recover closed the tunnel this one rode on (its disconnect, after it
+    finished the same run) right after the lock was made: found by the chaos
+    campaign, which met empty lock dirs that refused every later upgrade."""
+    run_id = "20250101T000000Z-c0ffee"
+    facts = fleet.facts("pi-01", run_id, lock_maybe_held=False)  # killed before the lock
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="ssh")
+    reach = fleet.hosts
+
+    def cut_after_the_lock_is_made(host):
+        remote = reach(host)
+        if len(reach.made) == 1:
+            remote.lose_after = lambda command: "mkdir" in command
+        return remote
+
+    fleet.hosts = cut_after_the_lock_is_made
+
+    (result,) = fleet.recover().hosts
+
+    assert result.result is Outcome.FAILED, result.error
+    assert "nothing to undo" in result.error.message
+    assert len(reach.made) == 2  # reached again after the cut
+    assert not fleet.lock("pi-01").exists()
+    assert fleet.journal_state(run_id, "pi-01")["result"] == "failed"
+
+
 def test_a_run_recorded_on_another_machine_is_left_alone_while_it_may_be_alive(fleet):
     run_id = "20250101T000000Z-dddddd"
     fleet.crashed_run(run_id, {"pi-02": fleet.facts("pi-02", run_id)}, step="inspect")
