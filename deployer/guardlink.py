@@ -534,6 +534,11 @@ class GuardLink:
 
     # -- waiting on it -------------------------------------------------------------------------
 
+    def follow(self, seconds: float, abort: threading.Event | None = None) -> None:
+        """Wait up to ``seconds`` on the guard's stream: a status line ends the
+        wait at once (no polling: on the real clock nothing wakes in between)."""
+        self._idle(seconds, abort)
+
     def _look(self, poll: float, end: float, abort: threading.Event | None = None) -> None:
         self._idle(min(LOOK if self._blocking else poll, end - self.clock.now()), abort)
 

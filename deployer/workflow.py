@@ -94,7 +94,7 @@ OPEN_MARGIN = 2.0  # seconds opening the window ends before the armed guard's go
 # the guard's stop of the old client: SIGTERM wait, SIGKILL wait, the slow-stop wait, margin
 SWAP_WAIT = STOP_WAIT + 3.0 + SLOW_STOP_WAIT + 10.0
 STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap
-SOAK_POLL = 0.5  # seconds between looks at the guard during the soak
+SOAK_LOOK = 1.0  # longest wait on the guard's stream in the soak (a line wakes deployer at once)
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
 REVERT_WAIT = 60.0  # seconds for the guard to stop, restore and restart, past its evidence wait
 DISARM_WAIT = 10.0  # seconds for an armed guard to give up when asked
@@ -587,7 +587,7 @@ class HostRun:
                 raise GuardError(
                     f"the guard stopped watching (state {state!r})", host=self.host.name
                 )
-            self.clock.sleep(min(SOAK_POLL, left), self.abort)
+            self.guard.follow(min(SOAK_LOOK, left), self.abort)
         self._check_abort()
         if self.plan.health:
             res = self._on_host(self.plan.health, check=False)
