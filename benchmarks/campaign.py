@@ -33,8 +33,11 @@ Each run is judged at its end, from the simulator's ``/sandbox/state`` and
 the host's files (:class:`tests.chaos.harness.HostView`):
 
 - **unsafe end**: the host is not safe (window closed, every exposure closed,
-  a client online running the old or a new release, installed file = what
-  runs, its pidfile's pid is the one polling) when the run is over;
+  a client online running a healthy release, installed file = what runs, its
+  pidfile's pid is the one polling) when the run is over. Healthy: any script
+  the campaign rendered for the host without a rehearsal fault (or with only
+  ``slow-stop``), not just the run's old and new: a run that ended ``unsafe``
+  leaves its guard to restore *its* old client, which a later run may meet;
 - **window open at the end**: allow-clientless true or an exposure open then;
 - **lock left**: the host's lock is still there after the last ``recover``;
 - **lie**: a deployer that ended by itself (no kill, no second deployer)
@@ -247,6 +250,14 @@ class Campaign:
         self.runs: list[Run] = []
         self.next_n = 0
         self.release_n = 100
+        # per host, every healthy script this campaign may have installed there:
+        # a host that ends running any of them (the file and the client agreeing)
+        # ends safe — a run's "old" may be older than the one it found, when an
+        # earlier run ended unsafe and its guard restored that run's old client later
+        self.healthy: dict[str, set[str]] = {
+            h: {s for s in (sha256_file(host_dir(self.dir, h) / "client.py"),) if s}
+            for h in self.info.hosts
+        }
         self.recovers: list[tuple[float, float]] = []  # every recover's (start, end), monotonic
         self.deadline = time.monotonic() + opts.max_minutes * 60
 
@@ -316,10 +327,10 @@ class Campaign:
                 self.repair(host, run)
 
     def one(self, run: Run, rng: random.Random) -> None:
-        host, hdir = run.host, host_dir(self.dir, run.host)
+        host = run.host
         if run.fault == "slow_stop":
             self.install_slow_stop(host, rng, run)
-        complete = {sha for sha in (sha256_file(hdir / "client.py"),) if sha}
+        complete = self.healthy[host]
         vars_ = {"release": run.release}
         if run.fault == "crash":
             vars_["sandbox_fail"] = "crash"
@@ -329,7 +340,6 @@ class Campaign:
             vars_["sandbox_fail"] = "die-after"
             vars_["sandbox_die_after"] = f"{rng.uniform(0.3, 0.8 * TIMINGS.stable_for):.2f}"
         new_sha = self.sha(host, vars_)
-        complete.add(new_sha)
         state_dir = self.fill_disk(run, rng) if run.fault == "disk_full" else None
         args = tuple(a for k, v in vars_.items() for a in ("--var", f"{k}={v}"))
         run.started = time.monotonic()
@@ -380,7 +390,7 @@ class Campaign:
             target = cut
         elif run.fault == "second_deployer":
             second = self.release()
-            complete.add(self.sha(host, {"release": second}))
+            self.sha(host, {"release": second})
 
             def again() -> None:
                 time.sleep(delay)
@@ -513,20 +523,25 @@ class Campaign:
     # -- fault helpers --
 
     def sha(self, host: str, vars_: dict[str, str]) -> str:
+        """The sha256 of the script for ``host`` with ``vars_``; a healthy one (no
+        rehearsal fault, or only a slow stop) joins the host's safe ends."""
         inv = load_inventory(self.inventory, overrides=vars_)
-        return render_script(inv, inv.hosts[host]).sha256
+        sha = render_script(inv, inv.hosts[host]).sha256
+        if vars_.get("sandbox_fail", "") in ("", "slow-stop"):
+            self.healthy[host].add(sha)
+        return sha
 
     def install_slow_stop(self, host: str, rng: random.Random, run: Run) -> None:
         """Make the running client one that is slow to stop (an upgrade of its own)."""
         seconds = f"{rng.uniform(1.0, 12.0):.1f}"
+        vars_ = {
+            "release": self.release(),
+            "sandbox_fail": "slow-stop",
+            "sandbox_slow_stop": seconds,
+        }
+        self.sha(host, vars_)
         up = UpgradeProcess(
-            self.inventory,
-            host,
-            (
-                *("--var", f"release={self.release()}"),
-                *("--var", "sandbox_fail=slow-stop"),
-                *("--var", f"sandbox_slow_stop={seconds}"),
-            ),
+            self.inventory, host, tuple(a for k, v in vars_.items() for a in ("--var", f"{k}={v}"))
         )
         code, out, _ = up.finish()
         result, _ = _report_host(out, host)
