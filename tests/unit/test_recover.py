@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from deployer import workflow
 from deployer.clock import Clock, FakeClock
 from deployer.errors import TooManyCalls, TunnelNotUp
 from deployer.events import Fanout
@@ -35,7 +34,7 @@ from deployer.result import Outcome
 from deployer.workflow import HostRun, RunContext
 from tests.doubles import PYTHON, FakeApi, LocalRemote, ProcessReaper
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("guard_without_api")]
 
 USER_ID = "USERID-SECRET-1111"
 HOSTS = ("pi-01", "pi-02")
@@ -191,17 +190,6 @@ def exited_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
-
-
-@pytest.fixture(autouse=True)
-def _guard_without_api(monkeypatch):
-    """The guard's own provider calls are off (``api: None``), as in test_workflow."""
-    real = workflow.guard_config
-
-    def guard_config(*args, **kwargs):
-        return {**real(*args, **kwargs), "api": None}
-
-    monkeypatch.setattr(workflow, "guard_config", guard_config)
 
 
 @pytest.fixture
@@ -483,7 +471,7 @@ def journalled_upgrade(site, state: Path, run_id: str, **vars: str):
 def test_recover_never_reinstalls_a_rolled_back_runs_backup_over_a_later_upgrade(tmp_path):
     """A rolled-back run killed in cleanup's disconnect; a later run upgrades the
     host; recover must not put the first run's backup (the old script) back."""
-    from tests.unit.test_workflow import Site
+    from tests.local_site import Site
 
     reaper = ProcessReaper(tmp_path)
     try:

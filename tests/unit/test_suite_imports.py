@@ -19,16 +19,11 @@ TEST_MODULE_IMPORT = re.compile(
     r"^\s*(?:from|import)\s+(?:tests(?:\.\w+)*\.|\.+)test_\w+", re.MULTILINE
 )
 
-# still to move by its owner's change: its import of Site from test_workflow
-# (Site lives in tests/local_site.py)
-NOT_YET = {"unit/test_recover.py"}
-
 
 def test_no_test_module_imports_another_test_module():
     found = [
         f"{path.relative_to(TESTS)}: {match.group(0).strip()}"
         for path in sorted(TESTS.rglob("*.py"))
-        if path.relative_to(TESTS).as_posix() not in NOT_YET
         for match in TEST_MODULE_IMPORT.finditer(path.read_text(encoding="utf-8"))
     ]
     assert found == [], "move what is shared into a helper module or conftest.py"
