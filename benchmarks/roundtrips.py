@@ -45,13 +45,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 TARGETS = {"round_trips": 6, "processes": 30, "deployer_cpu_seconds": 0.05}
 SAMPLE_EVERY = 0.02  # seconds between the sampler's looks at /proc
-GUARD_DEADLINE = 40.0  # see upgrade_one
 STRACE_SETTLE = 1.0  # seconds for strace to attach to every thread of the runner
 
 # A separate process, so its CPU is not counted as deployer's: it records the
@@ -184,12 +182,7 @@ def upgrade_one(inventory: Any, name: str, run_id: str) -> tuple[Any, Counter, f
     def factory(host: Any) -> CountingRemote:
         return CountingRemote(SshRemote(inventory.provider, host).open(), counts)
 
-    # The sandbox's fast profile has a 20 s guard deadline, so the armed guard's go
-    # deadline (20 s) less OPEN_MARGIN (15 s) leaves less than one API timeout (5 s)
-    # to open the window: on this HEAD every sandbox upgrade fails at open_window.
-    # Until that is fixed, the benchmark gives the guard 40 s (no effect on what it counts).
     host = inventory.hosts[name]
-    host = replace(host, guard_deadline=max(host.guard_deadline or 0.0, GUARD_DEADLINE))
     plan = plan_host(inventory, host, run_id)
     ctx = RunContext(
         run_id=run_id,
