@@ -68,6 +68,8 @@ CONFIG = {}  # replaced per run by deployer.guardlink.render_guard
 POLL = 0.1  # seconds between looks at the control files and the client
 GO_POLL = 0.02  # while armed: the swap's start is inside the exposure window
 READY_POLL = 0.05  # seconds between runs of the ready probe (it is inside the window)
+READY_FAST = 1.0  # ... for this long after the swap; a client that takes longer is slow
+READY_BACKOFF = 0.5  # then: each run forks a shell, which a small host's client needs
 STATUS_EVERY = 1.0  # seconds between the guard's own client_status calls
 STOP_WAIT = 8.0  # seconds a client gets to stop after SIGTERM before SIGKILL
 SLOW_STOP_WAIT = 30.0  # more seconds for a client whose stop is asynchronous (command kind)
@@ -243,7 +245,7 @@ class Guard:
             now = time.monotonic()
             if not ready and now >= next_probe:
                 ready = self.probe(mark)
-                next_probe = now + READY_POLL
+                next_probe = now + ready_poll(now, mark)
                 if ready:
                     self.status("ready", after=round(now - mark[1], 3))
             if not tightened and self.control("firstlife"):
@@ -337,7 +339,7 @@ class Guard:
                     next_ask = now + STATUS_EVERY
                     if api_online(cfg.get("api")):
                         return True
-            time.sleep(READY_POLL)
+            time.sleep(ready_poll(time.monotonic(), mark))
         return self.service.running()
 
     def disconnect(self):
@@ -509,6 +511,11 @@ def log(message):
     """A line in the guard's log (its stderr, guard.log in the run dir)."""
     sys.stderr.write("%s guard: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), message))
     sys.stderr.flush()
+
+
+def ready_poll(now, mark):
+    """Seconds until the next ready probe: often at first, then less."""
+    return READY_POLL if now - mark[1] < READY_FAST else READY_BACKOFF
 
 
 def pid_alive(pid):

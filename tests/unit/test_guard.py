@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from deployer import guard
 from deployer.guardlink import render_guard
 from tests.doubles import (
     PYTHON,
@@ -498,6 +499,21 @@ def test_the_probe_sees_the_swap_mark_and_time(host):
     assert abs(float(env["DEPLOYER_SWAP_TIME"]) - time.time()) < 30
     host.touch("commit")
     host.wait_state("committed")
+
+
+def test_a_probe_that_does_not_pass_runs_a_few_times_a_second_after_the_first(host):
+    """A silent client keeps the probe failing for online_timeout (60 s in
+    production): each run forks a shell on the host, which a Pi's client needs."""
+    runs = host.root / "probe-runs"
+    host.install_old()
+    host.start_guard(new=client_source("new", fail="silent"), ready=f"date +%s.%N >> {runs}; false")
+    started = host.wait_state("started")["t"]
+    time.sleep(3.5)
+    host.touch("revert")
+    host.wait_state("reverted")
+    times = [float(t) - started for t in runs.read_text().split()]
+    assert sum(t < 0.5 for t in times) >= 5  # at once: the healthy client's first poll
+    assert sum(1.5 <= t < 3.5 for t in times) <= 2.0 / guard.READY_BACKOFF + 2
 
 
 # --- the revert keeps the window open until the old client polls again -------------------
