@@ -252,9 +252,9 @@ class Guard:
                 tightened = True
                 deadline = min(deadline, now + cfg["soak_deadline"])
                 self.status("first_life", deadline_in=round(deadline - now, 3))
-            reason, vanished = None, False
+            reason, vanished, asked = None, False, False
             if self.control("revert"):
-                reason = "deployer asked for a revert"
+                reason, asked = "deployer asked for a revert", True
             elif self.terminated:
                 reason = "the guard was terminated"
             elif self.deployer_silent(now):
@@ -264,7 +264,7 @@ class Guard:
             elif not self.service.running():
                 reason = "the new client's process exited"
             if reason:
-                return self.revert(reason, backup, vanished)
+                return self.revert(reason, backup, vanished, asked)
             time.sleep(POLL)
 
     def mark(self, name):
@@ -296,9 +296,12 @@ class Guard:
 
     # -- the undo -------------------------------------------------------------
 
-    def revert(self, reason, backup, vanished=False):
+    def revert(self, reason, backup, vanished=False, asked=False):
         """Undo the swap; ``vanished``: deployer is gone (not just slow), so the
-        tunnel it opened is closed too once the host is safe."""
+        tunnel it opened is closed too once the host is safe. A revert deployer
+        did not ask for (the deadline, the new client's exit) may have come
+        before its silence did: then the guard waits for that too (see
+        ``silent_after``)."""
         cfg = self.cfg
         self.status("reverting", reason=reason)
         self.service.stop()
@@ -316,9 +319,24 @@ class Guard:
         self.status("restored", client_pid=pid, backup=backup)
         running = self.wait_restored(mark)
         closed = self.close_window()
-        disconnected = self.disconnect() if vanished else None
+        gone = vanished or (not asked and self.silent_after())
+        disconnected = self.disconnect() if gone else None
         self.status("reverted", ok=running, window_closed=closed, disconnected=disconnected)
         return 2
+
+    def silent_after(self):
+        """After a revert deployer did not ask for, with a tunnel it opened: is it
+        gone? True once it has been silent for ``silence_limit``, False as soon
+        as it is heard (it reads the status, so it cleans up itself)."""
+        cfg = self.cfg
+        if not (cfg.get("silence_limit") and cfg.get("api") and cfg.get("tunnel_opened")):
+            return False
+        heard = self.heard
+        while not self.deployer_silent(time.monotonic()):
+            if self.heard != heard:
+                return False
+            time.sleep(POLL)
+        return True
 
     def wait_restored(self, mark):
         """Keep the window open until the restored client has reached the provider:
@@ -838,7 +856,9 @@ def main(argv):
     try:
         if "--revert" in argv:  # the run's own guard is gone: undo its swap
             backup = cfg["backup_path"] if os.path.exists(cfg["backup_path"]) else None
-            return guard.revert("the guard of this run is gone; reverting for deployer", backup)
+            return guard.revert(
+                "the guard of this run is gone; reverting for deployer", backup, asked=True
+            )
         return guard.run()
     except Exception as exc:  # noqa: BLE001 - last line of defence: report and undo
         if not os.path.isdir(cfg["run_dir"]) and not guard.swapped:

@@ -591,6 +591,34 @@ def test_a_vanished_deployer_that_opened_the_tunnel_gets_it_disconnected(host, p
     assert not provider.api.window_open
 
 
+def test_a_deadline_revert_of_a_deployer_gone_silent_disconnects_too(host, provider):
+    """The deadline came before the silence limit (the sandbox's fast profile: 20 s
+    against 30 s): once the host is safe, the guard waits out the silence and
+    closes the tunnel of the deployer that vanished (the chaos runs left it open)."""
+    host.install_old()
+    open_window(provider)
+    host.start_guard(
+        deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True
+    )
+    reverted = host.wait_state("reverted", timeout=15.0)
+    assert host.wait_state("reverting")["reason"] == "deadline passed without a commit"
+    assert reverted["disconnected"] is True and provider.api.count("disconnect") == 1
+
+
+def test_a_deadline_revert_of_a_deployer_still_heard_leaves_it_the_tunnel(host, provider):
+    host.install_old()
+    open_window(provider)
+    host.start_guard(
+        deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True
+    )
+    host.wait_state("restored", timeout=10.0)
+    while "reverted" not in host.states():
+        host.touch("alive")  # deployer reads the status: it will clean up itself
+        time.sleep(0.2)
+    assert host.wait_state("reverted")["disconnected"] is None
+    assert provider.api.count("disconnect") == 0
+
+
 def test_a_tunnel_deployer_did_not_open_is_left_alone(host, provider):
     host.install_old()
     open_window(provider)
