@@ -651,7 +651,23 @@ class Campaign:
             },
             "time_until_safe_seconds": {
                 "with_recover": _seconds(with_r),
+                # killed runs only: a run that ended by itself is safe at its end
+                "with_recover_killed": _seconds(
+                    [
+                        r.time_until_safe
+                        for r in runs
+                        if r.with_recover and r.killed and r.time_until_safe is not None
+                    ]
+                ),
                 "without_recover": _seconds(without),
+                "without_recover_killed": _seconds(
+                    [
+                        r.time_until_safe
+                        for r in runs
+                        if not r.with_recover and r.killed and r.time_until_safe is not None
+                    ]
+                ),
+                # another worker's recover may have finished the host meanwhile
                 "without_recover_runs_overlapped_by_a_recover": sum(
                     1 for r in runs if not r.with_recover and r.recover_overlap
                 ),
