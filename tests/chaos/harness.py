@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployer.guardlink import SILENCE_MIN
 from deployer.sandbox import processes
 from deployer.sandbox.client import SandboxClient
+from deployer.sandbox.fleet import TIMINGS
 from tests.spec import SPEC_STEPS
 
 # The stages of SPEC 4 that a kill can land in (preflight acts on nothing).
@@ -46,6 +48,10 @@ KILL_STAGES = SPEC_STEPS[1:]
 JOURNAL_POLL = 0.002  # seconds between looks at the journal while waiting for a stage
 STATE_POLL = 0.1  # seconds between looks at the simulator while waiting for safety
 SETTLE_MARGIN = 15.0  # seconds past the guard's deadline for its revert to finish
+# A guard that reverted at its deadline waits out deployer's silence before it
+# disconnects the tunnel deployer opened (and exits): the sandbox's silence limit,
+# as deployer.guardlink.guard_config computes it
+SANDBOX_SILENCE = SILENCE_MIN + max(3 * TIMINGS.api_timeout, TIMINGS.tunnel_timeout)
 RECOVER_GRACE = 3.0  # seconds for the polls to catch up once recover returned (fast: 0.5 s)
 CLI_TIMEOUT = 180.0
 SHORT_STAGE = 0.3  # seconds: most stages take less on the sandbox
@@ -537,7 +543,12 @@ def kill_point(
         )
     else:
         watch = watch_until_settled(
-            fleet.client, fleet.dir, host, complete, since, guard_deadline + SETTLE_MARGIN
+            fleet.client,
+            fleet.dir,
+            host,
+            complete,
+            since,
+            max(guard_deadline, SANDBOX_SILENCE) + SETTLE_MARGIN,
         )
     out.safe, out.unsafe_for, out.settled_after = (
         watch.settled,
