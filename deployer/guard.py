@@ -709,7 +709,7 @@ def link_stage(args, inp):
             return 1
     answer(staged=True)
     proc = subprocess.run(
-        [sys.executable, "guard.py", "--detach"],
+        [sys.executable, "-S", "guard.py", "--detach"],  # no site: stdlib only
         cwd=args["run_dir"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -30,6 +30,7 @@ from deployer.guardlink import (
     guard_source,
 )
 from deployer.hostfiles import HostPaths
+from deployer.remote import sh
 from tests.doubles import PYTHON, LocalRemote, ProcessReaper, wait_for
 
 pytestmark = pytest.mark.unit
@@ -222,6 +223,15 @@ def test_cleanup_keeps_a_lock_of_another_run(host):
     (Path(host.paths.lock) / "owner").write_text(json.dumps({"run_id": "run-B"}))
     host.link.clean(keep=None, remove_run=True, release_lock=True)
     assert Path(host.paths.lock).exists()
+
+
+def test_the_link_tasks_and_the_guard_start_python_without_site(host):
+    """Each start without ``site`` costs the host 10-40 ms less CPU (stdlib only)."""
+    host.link.inspect()
+    (command,) = host.remote.commands
+    assert command.startswith(f"{sh(PYTHON)} -S -c "), command
+    assert '"-S", "guard.py", "--detach"' in guard_source()
+    assert "-S guard.py --detach" in host.link._start()
 
 
 def test_every_word_of_a_link_command_is_quoted(tmp_path):
