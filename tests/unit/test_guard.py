@@ -597,9 +597,7 @@ def test_a_deadline_revert_of_a_deployer_gone_silent_disconnects_too(host, provi
     closes the tunnel of the deployer that vanished (the chaos runs left it open)."""
     host.install_old()
     open_window(provider)
-    host.start_guard(
-        deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True
-    )
+    host.start_guard(deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True)
     reverted = host.wait_state("reverted", timeout=15.0)
     assert host.wait_state("reverting")["reason"] == "deadline passed without a commit"
     assert reverted["disconnected"] is True and provider.api.count("disconnect") == 1
@@ -608,9 +606,7 @@ def test_a_deadline_revert_of_a_deployer_gone_silent_disconnects_too(host, provi
 def test_a_deadline_revert_of_a_deployer_still_heard_leaves_it_the_tunnel(host, provider):
     host.install_old()
     open_window(provider)
-    host.start_guard(
-        deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True
-    )
+    host.start_guard(deadline=0.5, silence_limit=2.0, api=provider.api_config(), tunnel_opened=True)
     host.wait_state("restored", timeout=10.0)
     while "reverted" not in host.states():
         host.touch("alive")  # deployer reads the status: it will clean up itself
