@@ -90,6 +90,7 @@ CODE_MEANINGS: dict[int, str] = {
 OFFLINE_CODE = 24
 TOO_MANY_CALLS_CODE = 22
 _MESSAGE_LIMIT = 200  # characters of provider text quoted in an error
+SEND_SLACK = 0.05  # seconds a retry within a budget keeps from its edge (time passes as it starts)
 
 # urllib3 loggers that may print a request URL (with its credential query).
 _URLLIB3_LOGGERS = (
@@ -331,7 +332,8 @@ class ProviderAPI:
         end = start + policy.deadline
         if not_after is not None:  # the next try must be able to finish in time
             end = min(end, not_after - self.provider.timeout)
-        remaining = end - self._clock.now()
+        # the retry must still find time when it starts: the clock moves on meanwhile
+        remaining = end - self._clock.now() - SEND_SLACK
         if remaining <= 0:
             return None
         return min(policy.delay(attempt - 1, self._rng), remaining)
@@ -362,7 +364,10 @@ class ProviderAPI:
             self.limiter.acquire()
         else:  # a slot late enough that the request could land after not_after: none
             max_wait = not_after - self.provider.timeout - self._clock.now()
-            if max_wait < 0 or not self.limiter.acquire(max_wait=max_wait):
+            if max_wait < 0:
+                why = "no time left for another call within its budget"
+                raise self._error(ApiTransientError, call, host, why)
+            if not self.limiter.acquire(max_wait=max_wait):
                 why = "no API call slot in the time left (the shared rate limit is busy)"
                 raise self._error(ApiTransientError, call, host, why)
         with self._lock:

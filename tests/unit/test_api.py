@@ -707,3 +707,35 @@ def test_opening_within_a_budget_goes_through_on_an_idle_limiter(serve, make_api
     api = make_api(timeout=5.0)
     api.set_allow_clientless(HOST, True, within=6.0)
     assert script.count == 1
+
+
+class TickingClock(FakeClock):
+    """Time passes while deployer works: each look at the clock costs 1 ms."""
+
+    def now(self) -> float:
+        self.advance(0.001)
+        return super().now()
+
+
+def test_the_last_retry_inside_a_budget_is_sent_not_refused_at_the_edge(serve, server, events):
+    """The wait before the last retry ran to the very end of the budget, so the
+    retry found no time left and was refused: the soak's last look lost its last
+    try to a 502 storm that had just ended (found by the chaos campaign)."""
+    script = serve(raw("bad gateway", 502), reply())
+    provider = ProviderConfig(
+        api_url=server.url_for("/api/{call}"),
+        ssh_host="fw1.example",
+        user_id=Secret(USER_ID),
+        rate_limit=1000.0,
+        timeout=5.0,
+    )
+    clock = TickingClock()
+    patient = RetryPolicy(attempts=30, base=100.0, cap=100.0, deadline=1000.0)
+    api = ProviderAPI(provider, retry=patient, clock=clock, events=events, rng=random.Random(3))
+    try:
+        t0 = clock.now()
+        assert api.client_status(HOST, within=5.0 + 3.0) is True
+        assert script.count == 2  # the retry waited (almost) to the edge, and went out
+        assert 2.5 < clock.now() - t0 <= 3.0
+    finally:
+        api.close()
