@@ -223,9 +223,16 @@ class ProviderAPI:
         """Close the host's tunnel."""
         self.call("disconnect", host)
 
-    def client_status(self, host: HostConfig) -> bool:
-        """True if the client is online; False if the provider says offline (24)."""
-        return self.call("client_status", host)["error_code"] == 0
+    def client_status(
+        self,
+        host: HostConfig,
+        *,
+        retry: RetryPolicy | None = None,
+        within: float | None = None,
+    ) -> bool:
+        """True if the client is online; False if the provider says offline (24).
+        ``retry`` and ``within`` as for :meth:`set_allow_clientless`."""
+        return self.call("client_status", host, retry=retry, within=within)["error_code"] == 0
 
     def set_allow_clientless(
         self,

@@ -100,7 +100,7 @@ def guard_config(
         "backup_path": backup_path,
         "service": plan.service,
         "deadline": plan.guard_deadline,
-        "soak_deadline": plan.stable_for + SOAK_MARGIN + 2 * provider.timeout,
+        "soak_deadline": soak_deadline(plan, provider.timeout),
         "go_deadline": go_deadline(plan),
         # deployer may be unheard while it reaches the host again after the swap
         "silence_limit": max(
@@ -121,6 +121,11 @@ def guard_config(
             },
         },
     }
+
+
+def soak_deadline(plan: HostPlan, api_timeout: float) -> float:
+    """Seconds the guard waits for ``commit`` once deployer said ``firstlife``."""
+    return plan.stable_for + SOAK_MARGIN + 2 * api_timeout
 
 
 def go_deadline(plan: HostPlan) -> float:

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from deployer.events import EventSink, Fanout
 from deployer.model import HostConfig, Inventory
@@ -216,11 +217,11 @@ class SeenOnline:
         self._host_name = host_name
         self._used = False
 
-    def client_status(self, host: HostConfig) -> bool:
+    def client_status(self, host: HostConfig, **kwargs: Any) -> bool:
         if not self._used and host.name == self._host_name:
             self._used = True
             return True
-        return self._api.client_status(host)
+        return self._api.client_status(host, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._api, name)

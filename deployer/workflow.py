@@ -61,6 +61,7 @@ from deployer.guardlink import (
     guard_config,
     render_guard,
     revert_online_wait,
+    soak_deadline,
 )
 from deployer.hostfiles import (
     list_backups,
@@ -96,6 +97,7 @@ SWAP_WAIT = STOP_WAIT + 3.0 + SLOW_STOP_WAIT + 10.0
 STATUS_BACKOFF = (0.2, 1.5, 1.0)  # client_status polling: first delay, factor, cap
 SOAK_LOOK = 1.0  # longest wait on the guard's stream in the soak (a line wakes deployer at once)
 COMMIT_WAIT = 15.0  # seconds for the guard to confirm a commit
+COMMIT_MARGIN = 3.0  # seconds left of the guard's soak deadline for the commit's round trip
 REVERT_WAIT = 60.0  # seconds for the guard to stop, restore and restart, past its evidence wait
 DISARM_WAIT = 10.0  # seconds for an armed guard to give up when asked
 CLEANUP_REATTACH = 30.0  # seconds cleanup tries to reach a host again to release its lock
@@ -147,6 +149,7 @@ class HostRun:
         self.diff: str | None = None
         self.tunnel_opened = self.locked = self.swap_started = self.committed = False
         self.window_open_since: float | None = None
+        self.firstlife_at: float | None = None  # monotonic: deployer said firstlife
         self.exposure = 0.0
         self.swap_at = 0.0
         self.guard_armed = False
@@ -569,6 +572,7 @@ class HostRun:
 
     def _close_window(self) -> None:
         self._shut_window()
+        self.firstlife_at = self.clock.now()  # the guard's soak deadline counts from here
         self.guard.signal(FIRSTLIFE)
 
     def _shut_window(self) -> None:
@@ -599,12 +603,20 @@ class HostRun:
                     step="soak",
                 )
         self.guard.state(self.step_name)
-        if not self.api.client_status(self.host):
+        if not self.api.client_status(self.host, retry=HARD_RETRY, within=self._soak_left()):
             raise ClientOffline(
                 f"new client went offline during the soak ({self.plan.stable_for:g}s)",
                 host=self.host.name,
                 step="soak",
             )
+
+    def _soak_left(self) -> float:
+        """Seconds the soak's last client_status may take, retries and all: an
+        API outage is waited out while the guard still waits for the commit
+        (its soak deadline), less the commit's own round trip."""
+        started = self.firstlife_at if self.firstlife_at is not None else self.clock.now()
+        end = started + soak_deadline(self.plan, self.ctx.inventory.provider.timeout)
+        return max(end - COMMIT_MARGIN - self.clock.now(), self.ctx.inventory.provider.timeout)
 
     def _commit(self) -> None:
         self._note(known(commit_requested=True))

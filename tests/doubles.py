@@ -412,6 +412,7 @@ class FakeApi:
         self.injections: list[Injection] = []
         self.on_call: Callable[[str, bool | None], None] | None = None
         self.within: list[float | None] = []  # each set_allow_clientless's time budget
+        self.status_within: list[float | None] = []  # each client_status's time budget
         self.scripts: dict[str, str] = {}  # host -> what get_client_script answers
         self._lock = threading.Lock()
 
@@ -438,7 +439,8 @@ class FakeApi:
 
     # -- the ProviderAPI surface ----------------------------------------------------------
 
-    def client_status(self, host: Any) -> bool:
+    def client_status(self, host: Any, *, retry: Any = None, within: float | None = None) -> bool:
+        self.status_within.append(within)
         self._call("client_status", host)
         return bool(self.online())
 

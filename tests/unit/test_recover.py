@@ -79,7 +79,7 @@ class HostsApi(FakeApi):
         super().__init__()
         self.offline: set[str] = set()
 
-    def client_status(self, host: Any) -> bool:
+    def client_status(self, host: Any, **kwargs: Any) -> bool:
         self._call("client_status", host)
         return host.name not in self.offline
 

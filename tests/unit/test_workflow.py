@@ -18,10 +18,12 @@ import pytest
 
 from deployer import workflow
 from deployer.errors import ClientBlocked, TooManyCalls
+from deployer.guardlink import SOAK_MARGIN
+from deployer.inventory import load_inventory
 from deployer.plan import plan_host
 from deployer.remote import sha256_hex
 from deployer.result import Outcome
-from deployer.workflow import HostRun, RunContext, UpgradeOptions
+from deployer.workflow import COMMIT_MARGIN, HostRun, RunContext, UpgradeOptions
 from tests.doubles import (
     FakeApi,
     ProcessReaper,
@@ -550,6 +552,20 @@ def test_without_a_probe_the_window_outlasts_the_offline_detection(site):
     assert res.result is Outcome.UPGRADED, res.error
     t_open, t_close = site.api.exposures[0]
     assert t_close - t_open >= 1.5
+
+
+def test_the_soaks_last_client_status_may_wait_out_an_api_outage_while_the_guard_waits(site):
+    """The chaos campaign: an API outage at the end of the soak ended runs ``unsafe``
+    after the default 5 tries (about 8 s) while the guard would have waited for the
+    commit 20 s more. The last look now has what is left of the guard's soak
+    deadline, less the commit's round trip."""
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    provider = load_inventory(site.root / "deployer.toml").provider
+    stable_for = 0.5  # the site's
+    left = stable_for + SOAK_MARGIN + 2 * provider.timeout - COMMIT_MARGIN - stable_for
+    budget = site.api.status_within[-1]
+    assert budget is not None and left - 3.0 < budget <= left, (budget, left)
 
 
 def test_a_ready_probe_closes_the_window_as_soon_as_the_new_client_polled(tmp_path):
