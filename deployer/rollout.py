@@ -73,6 +73,7 @@ from deployer.events import EventSink
 from deployer.facts import known
 from deployer.model import HostConfig
 from deployer.parking import WAIT_STEP, ParkedHost, Parking, WaitPolicy, Watcher
+from deployer.progress import format_seconds
 from deployer.result import (
     FAILURE_OUTCOMES,
     SUCCESS_OUTCOMES,
@@ -625,7 +626,8 @@ class Rollout:
             )
             status, facts = StepStatus.SKIPPED, known(waiting=True, looks=entry.looks)
         else:
-            message = f"client not seen online long enough to trust in {_span(waited)} of waiting"
+            waited_for = format_seconds(waited)
+            message = f"client not seen online long enough to trust in {waited_for} of waiting"
             result = HostResult(
                 entry.name,
                 Outcome.OFFLINE,
@@ -683,16 +685,6 @@ class Rollout:
 def _account_reason(result: HostResult, code: int | None) -> str:
     kind = result.error.type if result.error else "error"
     return f"run stopped: account-level error (API code {code} on {result.host}: {kind})"
-
-
-def _span(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``1h02m``."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _interrupt_notice(count: int) -> str:
