@@ -255,8 +255,8 @@ class Guard:
             reason, vanished, asked = None, False, False
             if self.control("revert"):
                 reason, asked = "deployer asked for a revert", True
-            elif self.terminated:
-                reason = "the guard was terminated"
+            elif self.terminated:  # a shutdown: revert and exit, do not linger
+                reason, asked = "the guard was terminated", True
             elif self.deployer_silent(now):
                 reason, vanished = "deployer went silent before the commit", True
             elif now > deadline:
@@ -301,7 +301,8 @@ class Guard:
         tunnel it opened is closed too once the host is safe. A revert deployer
         did not ask for (the deadline, the new client's exit) may have come
         before its silence did: then the guard waits for that too (see
-        ``silent_after``)."""
+        ``silent_after``). ``asked``: deployer asked for it, or the guard was
+        terminated; either way it does not wait."""
         cfg = self.cfg
         self.status("reverting", reason=reason)
         self.service.stop()

@@ -285,6 +285,19 @@ def test_sigterm_makes_the_guard_revert(host):
     assert host.script.read_bytes() == OLD
 
 
+def test_a_terminated_guard_does_not_linger_for_deployers_silence(host, provider):
+    """SIGTERM (a shutdown): revert and exit, without waiting out deployer's
+    silence first as after a deadline revert (found reviewing that change)."""
+    host.install_old()
+    open_window(provider)
+    guard_pid = host.start_guard(silence_limit=30.0, api=provider.api_config(), tunnel_opened=True)
+    host.wait_state("started")
+    os.kill(guard_pid, signal.SIGTERM)
+    reverted = host.wait_state("reverted", timeout=8.0)
+    assert reverted["disconnected"] is None
+    wait_for(lambda: not pid_alive(guard_pid), timeout=5.0)
+
+
 def test_the_guard_deletes_its_own_file(host):
     host.install_old()
     host.start_guard()
