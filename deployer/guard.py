@@ -60,8 +60,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 CONFIG = {}  # replaced per run by deployer.guardlink.render_guard
 
@@ -396,6 +394,13 @@ class Guard:
 
 
 def api_call(api, call, **extra):
+    # Imported here, not at the top: only a revert calls the API, and
+    # urllib.request is most of what a start of this file costs the host (about
+    # 33 ms of CPU of ~55 on a PC, several times that on a Pi), which every
+    # link task and every guard would pay for nothing.
+    import urllib.parse
+    import urllib.request
+
     params = dict(api["params"])
     params.update(extra)
     url = api["url"].replace("{call}", call) + "?" + urllib.parse.urlencode(params)

@@ -9,6 +9,7 @@ import ast
 import hashlib
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,28 @@ def test_the_link_tasks_and_the_guard_start_python_without_site(host):
     assert command.startswith(f"{sh(PYTHON)} -S -c "), command
     assert '"-S", "guard.py", "--detach"' in guard_source()
     assert "-S guard.py --detach" in host.link._start()
+
+
+def test_the_link_and_the_guard_load_urllib_only_when_a_revert_calls_the_api():
+    """urllib.request is ~60 % of the CPU a start of guard.py costs the host; only
+    the guard's API calls (a revert closing the window) need it."""
+    probe = (
+        "import sys\n"
+        "g = {'__name__': 'guardlink'}\n"
+        "exec(compile(sys.stdin.read(), 'guard.py', 'exec'), g)\n"
+        "before = 'urllib.request' in sys.modules\n"
+        "g['api_call']({'url': 'http://127.0.0.1:9/{call}', 'params': {}, 'timeout': 1}, 'x')\n"
+        "print(before, 'urllib.request' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [PYTHON, "-S", "-c", probe],
+        input=guard_source(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "True"], out.stderr
 
 
 def test_every_word_of_a_link_command_is_quoted(tmp_path):
