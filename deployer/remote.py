@@ -161,6 +161,13 @@ class SshRemote:
 
         host = self.host
         known_hosts = Path(host.known_hosts).expanduser()
+        # The TCP connection first: while a tunnel comes up, deployer tries again
+        # and again (refused until the client's next poll), and a refusal should
+        # cost a connect(), not a fabric Connection and its config each time.
+        try:
+            sock = socket.create_connection(self.endpoint, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise self._connect_error(exc, known_hosts) from None
         config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
         conn = Connection(
             host=self.endpoint[0],
@@ -170,6 +177,7 @@ class SshRemote:
             connect_timeout=int(self.connect_timeout),
             forward_agent=False,
             connect_kwargs={
+                "sock": sock,
                 "key_filename": [str(Path(host.ssh_key).expanduser())],
                 "look_for_keys": False,
                 "allow_agent": False,
@@ -185,12 +193,14 @@ class SshRemote:
         except HostKeyError as exc:
             exc.host = self.name
             conn.close()
+            sock.close()
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to our error types below
             conn.close()
+            sock.close()
             raise self._connect_error(exc, known_hosts) from None
         conn.transport.set_keepalive(5)
-        conn.transport.sock.settimeout(READER_WAKE)
+        sock.settimeout(READER_WAKE)
         self._conn = conn
         return self
 
