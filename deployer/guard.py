@@ -580,12 +580,15 @@ def fsync_file(path):
 #            each line deployer writes is its sign of life (touch ``alive``),
 #            the words go/firstlife/commit/revert become control files, and
 #            ``sync`` is answered with ``{"synced": true}`` once every line
-#            written so far was sent (``{"reset": true}``: the file was cut).
+#            written so far was sent (``{"reset": true}``: the file was cut);
+#            ``cleanup ARGS`` runs the cleanup task below, answers, and ends
+#            the follower (the run's last round trip rides on its stream).
 #            It ends when deployer's end closes (EOF) or the run dir is gone.
 #   cleanup  prune backups (owner-only), remove the run dir, release the lock
 
 FOLLOW_POLL = 0.05  # seconds between looks at the status file while following
 LINK_WORDS = ("go", "firstlife", "commit", "revert")  # deployer.guardlink.CONTROLS
+CLEANUP_WORD = "cleanup "  # + the cleanup task's arguments (JSON), on the stream
 
 
 class LinkInput:
@@ -766,6 +769,9 @@ def link_follow(run_dir, inp):
                 touch(alive)
                 if word in LINK_WORDS:
                     touch(os.path.join(run_dir, word))
+                elif word.startswith(CLEANUP_WORD):
+                    send_new()  # what the guard wrote before it, then the answer
+                    return link_cleanup_answered(json.loads(word[len(CLEANUP_WORD) :]))
                 synced = synced or word == "sync"
             if synced:  # deployer wants the status as it is now
                 send_new()
@@ -802,6 +808,16 @@ def link_cleanup(args):
             shutil.rmtree(lock, ignore_errors=True)
     answer(pruned=pruned)
     return 0
+
+
+def link_cleanup_answered(args):
+    """The cleanup task asked for on the stream: its failure is answered there too
+    (the follower's own OSError handling would end it without a word)."""
+    try:
+        return link_cleanup(args)
+    except OSError as exc:
+        answer(error="os", output=str(exc))
+        return 1
 
 
 def link_main(argv):

@@ -177,6 +177,7 @@ ANSWER_WAIT = 60.0  # seconds for a link task's answer (lock, inspect, cleanup)
 STAGE_WAIT = 120.0  # seconds for the staged files to be written, checked and validated
 OUTPUT_TAIL = 300  # characters of a failing command's output shown (after masking)
 ARM_WAIT = 30.0  # seconds for the guard to start armed
+CLEANUP_WORD = "cleanup "  # + the cleanup's arguments: guard.py's CLEANUP_WORD
 BEAT = 1.0  # seconds between deployer's signs of life on the guard's stream
 LOOK = 0.25  # longest blocking read of the stream (deadlines and aborts are checked between)
 RESEND = (GO, FIRSTLIFE)  # the swap's words, written again on a stream regained during it
@@ -380,21 +381,47 @@ class GuardLink:
     def clean(self, *, keep: int | None, remove_run: bool, release_lock: bool) -> list[str]:
         """One round trip: prune backups to ``keep`` (None: leave them) and make
         them owner-only, remove the run directory, release the lock if it is this
-        run's. The stream is closed first (its follower ends)."""
+        run's. Asked on the guard's stream when it is open (its follower does it,
+        answers and ends: no channel, no program start), else as a link task.
+        Idempotent: a cleanup whose answer was lost may be asked again."""
         p = self.paths
-        self.close_stream()
-        answer = self.call(
-            "cleanup",
-            {
-                "backups": p.backups,
-                "prefix": posixpath.basename(p.script_path) + ".",
-                "keep": keep,
-                "run_dir": p.run_dir if remove_run else None,
-                "lock": p.lock if release_lock else None,
-                "run_id": p.run_id,
-            },
-        )
+        args = {
+            "backups": p.backups,
+            "prefix": posixpath.basename(p.script_path) + ".",
+            "keep": keep,
+            "run_dir": p.run_dir if remove_run else None,
+            "lock": p.lock if release_lock else None,
+            "run_id": p.run_id,
+        }
+        answer = self._clean_on_stream(args)
+        if answer is None:
+            self.close_stream()
+            answer = self.call("cleanup", args)
+        elif answer.get("error"):
+            raise RemoteCommandError(
+                f"the host's cleanup task failed: {answer.get('output', answer['error'])}",
+                host=self.host,
+            )
         return list(answer.get("pruned", []))
+
+    def _clean_on_stream(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The cleanup's answer from the open stream; None when there is no stream
+        on this session or it failed without an answer (then: a link task, which
+        also tells a channel that ended from a session that is lost)."""
+        stream = self.stream
+        if stream is None or self._stream_remote is not self.remote:
+            return None
+        try:
+            stream.write(CLEANUP_WORD.encode() + json.dumps(args).encode("utf-8") + b"\n")
+            while True:
+                answer = self._answer(stream, "cleanup", ANSWER_WAIT)
+                if "state" in answer or "reset" in answer or "synced" in answer:
+                    continue  # the guard's status, sent before the answer
+                return answer
+        except (SshSessionLost, RemoteCommandError):
+            return None  # the follower had ended (its run dir was gone, say), or more
+        finally:
+            self.close_stream()
 
     # -- installing and starting (a run whose guard is gone) ------------------------------------
 

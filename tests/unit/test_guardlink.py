@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from deployer import guardlink
 from deployer.clock import Clock
-from deployer.errors import GuardError, VerifyError
+from deployer.errors import GuardError, RemoteCommandError, VerifyError
 from deployer.guardlink import (
     ARMED,
     CONTROLS,
@@ -217,6 +218,49 @@ def test_cleanup_prunes_removes_the_run_and_releases_its_lock(host):
     assert sorted(p.name for p in backups.iterdir()) == ["client.py.2", "client.py.3"]
     assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in backups.iterdir())
     assert not host.run_dir.exists() and not Path(host.paths.lock).exists()
+
+
+def _staged_run(host) -> Path:
+    """A staged run (a stand-in guard) with its stream open, this run's lock, and
+    three backups; returns the backups' folder."""
+    backups = Path(host.paths.backups)
+    backups.mkdir(parents=True)
+    for stamp in ("1", "2", "3"):
+        (backups / f"client.py.{stamp}").write_text(stamp)
+    Path(host.paths.lock).mkdir()
+    (Path(host.paths.lock) / "owner").write_text(json.dumps({"run_id": "run-A"}))
+    host.link.stage(b"new", b"print(4242)\n", mode="0700", validate="", owner_of=None)
+    return backups
+
+
+def test_cleanup_rides_on_the_open_stream(host):
+    """The run's last round trip: no new channel and no new program on the host."""
+    backups = _staged_run(host)
+    host.write_status(ARMED, RUNNING)  # lines the guard wrote come before the answer
+    pruned = host.link.clean(keep=1, remove_run=True, release_lock=True)
+    assert pruned == [str(backups / "client.py.1"), str(backups / "client.py.2")]
+    assert not host.run_dir.exists() and not Path(host.paths.lock).exists()
+    assert len(host.remote.commands) == 1  # the stage's channel only
+    assert host.link.stream is None
+    assert host.remote.channels[0].proc.wait(5) == 0  # the follower ended
+
+
+def test_cleanup_is_a_task_again_when_the_follower_has_ended(host):
+    backups = _staged_run(host)
+    shutil.rmtree(host.run_dir)  # the follower ends when its run dir is gone
+    assert host.remote.channels[0].proc.wait(5) == 0
+    pruned = host.link.clean(keep=2, remove_run=True, release_lock=True)
+    assert pruned == [str(backups / "client.py.1")]
+    assert not host.run_dir.exists() and not Path(host.paths.lock).exists()
+    assert len(host.remote.commands) == 2 and host.regained == 0
+
+
+def test_a_cleanup_failing_on_the_stream_is_reported(host):
+    backups = _staged_run(host)
+    (backups / "client.py.0").mkdir()  # the oldest "backup" cannot be unlinked
+    with pytest.raises(RemoteCommandError, match="cleanup task failed: .*client.py.0"):
+        host.link.clean(keep=1, remove_run=True, release_lock=True)
+    assert len(host.remote.commands) == 1
 
 
 def test_cleanup_keeps_a_lock_of_another_run(host):

@@ -83,10 +83,11 @@ def test_upgrade_walks_the_stages_in_spec_order(site):
     assert res.api_calls == len(site.api.calls)
     remote = site.factory.current
     assert remote.closed
-    # issue 12: one round trip each for lock + inspect, stage (the guard's stream
-    # stays open on it) and cleanup; the swap's and commit's words go on the stream
+    # issue 12: one round trip for lock + inspect, one that stages (the guard's
+    # stream stays open on it); the swap's and commit's words go on the stream,
+    # and so does the cleanup (the run dir and lock are gone, with no third task)
     tasks = [c.split()[-2] for c in remote.commands]
-    assert tasks == ["inspect", "stage", "cleanup"], remote.commands
+    assert tasks == ["inspect", "stage"], remote.commands
     assert [w for w in remote.words if w not in ("alive", "sync")] == ["go", "firstlife", "commit"]
 
 
