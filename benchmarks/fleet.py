@@ -13,6 +13,11 @@ tunnel cuts, the deployer process's peak RSS, and where the time went
              up at the client's next poll (SPEC 1b)
     R      = the binding rate limit: min(server's, deployer's limiter)
 
+It also prints ``cpu_floor``: the makespan the machine's CPU allows (the CPU
+the upgrade added on top of the idle fleet, over the cores the idle fleet
+leaves free) and the makespan's ratio to it, which tells a fleet held back by
+the cores (ratio near 1) from one held back by deployer.
+
 Usage (from the repository root)::
 
     .venv/bin/python -m benchmarks.fleet --hosts 200 --parallel 50 [--profile fast|real]
@@ -311,6 +316,7 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         rate,
     )
     ratio = run.wall_seconds / bound["seconds"] if bound["seconds"] else None
+    floor = cpu_floor(machine_busy, baseline, run.wall_seconds, len(hosts))
     by_code = state["calls"]["by_code"]
     return {
         "benchmark": "fleet",
@@ -329,6 +335,10 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
         "deployer_startup_seconds": round(startup, 3),
         "lower_bound": bound,
         "ratio": rounded(ratio),
+        "cpu_floor": floor,
+        "ratio_to_cpu_floor": rounded(run.wall_seconds / floor["seconds"])
+        if floor["seconds"]
+        else None,
         "client_start_to_first_poll_seconds": {
             "median": rounded(statistics.median(client_start)),
             "runs": [round(v, 4) for v in client_start],
@@ -378,10 +388,31 @@ def benchmark(opts: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
+def cpu_floor(busy: float, idle_share: float, wall: float, hosts: int) -> dict[str, Any]:
+    """The makespan this machine's CPU allows: the CPU the upgrade added on top of
+    the idle fleet (its polls go on all along: ``idle_share`` of every core),
+    spread over the cores the idle fleet leaves free. Not a bound on deployer's
+    scheduling but on the machine: a ratio near 1 means the cores were the limit."""
+    cores = os.cpu_count() or 1
+    idle_cores = idle_share * cores
+    work = busy - idle_cores * wall
+    free = cores - idle_cores
+    return {
+        "idle_cores": round(idle_cores, 3),
+        "work_cpu_seconds": round(work, 1),
+        "work_cpu_seconds_per_host": rounded(work / hosts) if hosts else None,
+        "seconds": round(work / free, 1) if free > 0 and work > 0 else None,
+    }
+
+
 def targets(opts: argparse.Namespace, ratio: float | None, errors_22: int, rss: float) -> dict:
-    """The issue's targets, judged (the 22 target applies only below the server's limit)."""
+    """The issues' targets, judged (the 22 target applies only below the server's limit;
+    issue 12's ratio of 1.2 is for the ``fast`` profile)."""
     checks: dict[str, Any] = {
         "ratio_le_1_5": ratio is not None and ratio <= 1.5,
+        "ratio_le_1_2_fast": (ratio is not None and ratio <= 1.2)
+        if opts.profile == "fast"
+        else "n/a",
         "peak_rss_le_300_mb": rss <= 300,
     }
     below = 0 < opts.client_rate_limit < (opts.server_rate_limit or math.inf)
