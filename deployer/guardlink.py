@@ -178,7 +178,10 @@ STAGE_WAIT = 120.0  # seconds for the staged files to be written, checked and va
 OUTPUT_TAIL = 300  # characters of a failing command's output shown (after masking)
 ARM_WAIT = 30.0  # seconds for the guard to start armed
 CLEANUP_WORD = "cleanup "  # + the cleanup's arguments: guard.py's CLEANUP_WORD
-BEAT = 1.0  # seconds between deployer's signs of life on the guard's stream
+# seconds between deployer's signs of life on the guard's stream: the guard's
+# silence_limit is 15 s at the least, so a beat every 5 s leaves it three; each
+# beat is a write, a packet and a ``touch`` on the host (a 35 s soak made 35)
+BEAT = 5.0
 LOOK = 0.25  # longest blocking read of the stream (deadlines and aborts are checked between)
 RESEND = (GO, FIRSTLIFE)  # the swap's words, written again on a stream regained during it
 

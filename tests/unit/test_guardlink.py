@@ -301,6 +301,12 @@ def test_the_link_and_the_guard_load_urllib_only_when_a_revert_calls_the_api():
     assert out.stdout.split() == ["False", "True"], out.stderr
 
 
+def test_deployers_beat_leaves_the_shortest_silence_limit_three_beats():
+    """A guard reverts when deployer is unheard for ``silence_limit`` (15 s at the
+    least): one lost or late beat must never come near it."""
+    assert 3 * guardlink.BEAT <= guardlink.SILENCE_MIN
+
+
 def test_every_word_of_a_link_command_is_quoted(tmp_path):
     hostile = tmp_path / "a b;$(touch pwned)'x" / "client.py"
     hostile.parent.mkdir()
