@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from deployer import workflow
+from deployer.clock import Clock
 from deployer.errors import ClientBlocked, TooManyCalls
 from deployer.guardlink import SOAK_MARGIN
 from deployer.inventory import load_inventory
@@ -432,6 +433,25 @@ def test_a_tunnel_that_comes_up_late_is_waited_for(site):
     res = site.run(release="2")
     assert res.result is Outcome.UPGRADED, res.error
     assert len(site.factory.made) == 1
+
+
+def test_a_late_tunnel_is_tried_again_at_least_twice_a_second(site, monkeypatch):
+    """A refusal costs one connect() (no SSH set-up): once the tunnel is up, the next
+    try comes within 0.5 s, not up to 2 s later (the mean wait of a real fleet's
+    ``ssh`` step)."""
+    waits: list[float] = []
+    real_sleep = Clock.sleep
+
+    def sleep(self, seconds, cancel=None):
+        if site.factory.refuse > 0:  # still refusing: a wait of the tunnel's retry
+            waits.append(seconds)
+        return real_sleep(self, seconds, cancel)
+
+    monkeypatch.setattr(Clock, "sleep", sleep)
+    site.factory.refuse = 8
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    assert len(waits) >= 7 and max(waits) <= 0.5, waits
 
 
 def test_a_tunnel_that_never_comes_up_fails_before_anything_is_touched(site):
