@@ -88,6 +88,7 @@ OWNER_GRACE = 1.0  # seconds: a lock without its owner file yet may be a run wri
 AWAIT_POLL = 0.5  # seconds between looks at the journal while another recover finishes a host
 TAKEN = "taken-"  # lock/taken-HOLDER: the one recover that took HOLDER's lock over
 CLAIMED = "claimed"  # what the host prints once the lock is claimed and its owner written
+UNDONE = "undone"  # ... once it made the lock but could not claim it, and took it back
 SESSION_CUTS = 2  # sessions lost under recover on one host before it gives up
 
 #: makes the progress sink once the number of hosts to recover is known
@@ -365,21 +366,31 @@ class _Recovery:
         p = plan.paths
         # An absent lock is made, claimed and given its owner file by one command:
         # a session cut mid-way (the host finishes the command) cannot leave a lock
-        # without an owner, which would refuse every later run.
+        # without an owner, which would refuse every later run; nor can a claim or
+        # owner file the host fails to write (a full disk): what this command made
+        # is taken back.
+        key = item.run_id
         took = remote.run(
             f"mkdir -p {sh(p.base)} && if mkdir {sh(p.lock)} 2>/dev/null; then "
-            f"{self._claim(p, item.run_id, item.run_id)}; else echo exists; fi",
+            f"{{ {self._claim(p, key, item.run_id)}; }} || "
+            f"{{ {self._unclaim(p, key)}; echo {UNDONE}; }}; else echo exists; fi",
             check=False,
         )
         if took.ok and took.stdout.strip() == CLAIMED:
             return None
+        if took.stdout.strip().endswith(UNDONE):
+            said = scrub(took.stderr.strip(), self.inventory.secret_values())[-200:]
+            why = f" ({said})" if said else ""
+            return _Busy(
+                f"cannot take the host lock {p.lock}: the host could not write it{why}; "
+                "nothing was changed (is its disk full?)"
+            )
         holder = self._read_holder(remote, p)
         if holder is None:
             self.clock.sleep(OWNER_GRACE)  # a run may be writing its owner file right now
             holder = self._read_holder(remote, p)
             if holder is None and not item.facts.lock_maybe_held:
                 return _Busy(f"the host lock {p.lock} has no owner file; this run never took it")
-        key = item.run_id
         if holder is not None and (holder.recover or {}).get("run_id") == self.recover_id:
             return None  # ours: taken before a session cut, found again
         if holder is not None and holder.run_id != item.run_id:
@@ -462,6 +473,18 @@ class _Recovery:
             f"{self._owner_command(paths, run_id)} && echo {CLAIMED}"
         )
 
+    def _unclaim(self, paths: HostPaths, key: str) -> str:
+        """A host command that removes what a failed ``_claim`` of a lock it just made
+        left: the owner's temporary file, the claim, the lock dir, each only if it is
+        there (``rmdir``: never a lock that holds anything else)."""
+        return (
+            f"rm -f {sh(self._owner_tmp(paths))}; "
+            f"rmdir {sh(f'{paths.lock}/{TAKEN}{key}')} {sh(paths.lock)} 2>/dev/null"
+        )
+
+    def _owner_tmp(self, paths: HostPaths) -> str:
+        return f"{paths.lock}/.owner.{self.recover_id}"
+
     def _owner_command(self, paths: HostPaths, run_id: str) -> str:
         """A host command that writes the owner file, replaced at once (a reader
         never sees half of it): the recovered run's id, so its cleanup releases the
@@ -478,7 +501,7 @@ class _Recovery:
                 "pid_start": process_start_token(pid),
             },
         }
-        tmp = f"{paths.lock}/.owner.{self.recover_id}"
+        tmp = self._owner_tmp(paths)
         return (
             f"printf %s {sh(json.dumps(owner))} > {sh(tmp)} && mv -f {sh(tmp)} "
             f"{sh(paths.lock + '/owner')}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -372,6 +373,49 @@ def test_a_session_cut_while_recover_takes_the_lock_leaves_no_ownerless_lock(fle
     assert result.result is Outcome.FAILED, result.error
     assert "nothing to undo" in result.error.message
     assert len(reach.made) == 2  # reached again after the cut
+    assert not fleet.lock("pi-01").exists()
+    assert fleet.journal_state(run_id, "pi-01")["result"] == "failed"
+
+
+@pytest.mark.parametrize("fails", ["owner", "claim"])
+def test_a_lock_the_host_cannot_write_is_taken_back_not_left_ownerless(fleet, fails):
+    """A full disk right after recover made the lock: its claim or owner file cannot
+    be written. Left there, an empty lock refused every later run of the host until
+    --break-lock; now the take is undone and the next recover finishes the host."""
+    run_id = "20250101T000000Z-d15cf0"
+    facts = fleet.facts("pi-01", run_id, lock_maybe_held=False)  # killed before the lock
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="ssh")
+    reach = fleet.hosts
+
+    def disk_full(host):
+        remote = reach(host)
+        run = remote.run
+
+        def full_at_the_take(command, **kwargs):
+            original = command
+            if "mkdir" in command and "then" in command:  # the one-command take
+                if fails == "owner":  # the owner file's write gets ENOSPC
+                    command = re.sub(r"> \S*\.owner\.\S*", "> /dev/full", command, count=1)
+                else:  # the claim's mkdir fails
+                    command = re.sub(r"\bmkdir (\S*/taken-)", r"false \1", command, count=1)
+                assert command != original, original
+            return run(command, **kwargs)
+
+        remote.run = full_at_the_take
+        return remote
+
+    fleet.hosts = disk_full
+    (first,) = fleet.recover().hosts
+    assert first.result is Outcome.SKIPPED, first
+    assert "cannot take the host lock" in first.error.message
+    if fails == "owner":
+        assert "printf" in first.error.message  # the host's own words are quoted
+    assert not fleet.lock("pi-01").exists()
+    assert fleet.journal_state(run_id, "pi-01")["result"] is None  # still to recover
+
+    fleet.hosts = reach  # space again
+    (second,) = fleet.recover().hosts
+    assert second.result is Outcome.FAILED, second.error
     assert not fleet.lock("pi-01").exists()
     assert fleet.journal_state(run_id, "pi-01")["result"] == "failed"
 
