@@ -351,14 +351,19 @@ def test_a_run_whose_run_dir_is_gone_is_only_closed_and_marked(fleet):
     )
 
 
+def killed_before_the_lock(fleet, run_id: str) -> Hosts:
+    """A run of pi-01 killed in its ``ssh`` step; returns the fleet's remote factory."""
+    facts = fleet.facts("pi-01", run_id, lock_maybe_held=False)
+    fleet.crashed_run(run_id, {"pi-01": facts}, step="ssh")
+    return fleet.hosts
+
+
 def test_a_session_cut_while_recover_takes_the_lock_leaves_no_ownerless_lock(fleet):
     """Another recover closed the tunnel this one rode on (its disconnect, after it
     finished the same run) right after the lock was made: found by the chaos
     campaign, which met empty lock dirs that refused every later upgrade."""
     run_id = "20250101T000000Z-c0ffee"
-    facts = fleet.facts("pi-01", run_id, lock_maybe_held=False)  # killed before the lock
-    fleet.crashed_run(run_id, {"pi-01": facts}, step="ssh")
-    reach = fleet.hosts
+    reach = killed_before_the_lock(fleet, run_id)
 
     def cut_after_the_lock_is_made(host):
         remote = reach(host)
@@ -383,9 +388,7 @@ def test_a_lock_the_host_cannot_write_is_taken_back_not_left_ownerless(fleet, fa
     be written. Left there, an empty lock refused every later run of the host until
     --break-lock; now the take is undone and the next recover finishes the host."""
     run_id = "20250101T000000Z-d15cf0"
-    facts = fleet.facts("pi-01", run_id, lock_maybe_held=False)  # killed before the lock
-    fleet.crashed_run(run_id, {"pi-01": facts}, step="ssh")
-    reach = fleet.hosts
+    reach = killed_before_the_lock(fleet, run_id)
 
     def disk_full(host):
         remote = reach(host)
