@@ -39,7 +39,7 @@ import random
 import re
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -229,10 +229,12 @@ class ProviderAPI:
         *,
         retry: RetryPolicy | None = None,
         within: float | None = None,
+        idle: Callable[[float], None] | None = None,
     ) -> bool:
         """True if the client is online; False if the provider says offline (24).
-        ``retry`` and ``within`` as for :meth:`set_allow_clientless`."""
-        return self.call("client_status", host, retry=retry, within=within)["error_code"] == 0
+        ``retry``, ``within`` and ``idle`` as for :meth:`set_allow_clientless`."""
+        reply = self.call("client_status", host, retry=retry, within=within, idle=idle)
+        return reply["error_code"] == 0
 
     def set_allow_clientless(
         self,
@@ -241,13 +243,17 @@ class ProviderAPI:
         *,
         retry: RetryPolicy | None = None,
         within: float | None = None,
+        idle: Callable[[float], None] | None = None,
     ) -> None:
         """Set allow-clientless; returns only once the reply confirms ``allow``.
 
         ``within``: seconds after which no request may still be under way (no
         limiter slot, no retry, no HTTP request that could land later): opening
-        the window must not land after the armed guard stopped waiting for it."""
-        self.call("set_allow_clientless", host, allow=allow, retry=retry, within=within)
+        the window must not land after the armed guard stopped waiting for it.
+        ``idle(seconds)`` spends the waits between retries instead of a sleep
+        (the workflow stays heard by the host's guard meanwhile); it must not
+        raise."""
+        self.call("set_allow_clientless", host, allow=allow, retry=retry, within=within, idle=idle)
 
     def get_client_script(self, host: HostConfig) -> str:
         """The script the provider generated for ``host``'s ``client_id``
@@ -267,14 +273,15 @@ class ProviderAPI:
         allow: bool | None = None,
         retry: RetryPolicy | None = None,
         within: float | None = None,
+        idle: Callable[[float], None] | None = None,
     ) -> dict[str, Any]:
         """Make ``call`` for ``host`` under ``retry`` (and, given ``within``, done
-        within that many seconds); return the provider's reply (credentials it
-        echoed masked)."""
+        within that many seconds, waiting between tries with ``idle``); return the
+        provider's reply (credentials it echoed masked)."""
         self._check(call, allow, host)
         not_after = None if within is None else self._clock.now() + within
         reply = self._with_retries(
-            call, host, allow, retry or self.retry, raw=False, not_after=not_after
+            call, host, allow, retry or self.retry, raw=False, not_after=not_after, idle=idle
         )
         return self._masked(reply, host)
 
@@ -311,6 +318,7 @@ class ProviderAPI:
         policy: RetryPolicy,
         raw: bool,
         not_after: float | None = None,
+        idle: Callable[[float], None] | None = None,
     ) -> dict[str, Any]:
         start = self._clock.now()
         attempt = 0
@@ -324,7 +332,10 @@ class ProviderAPI:
                     self._give_up(exc, attempt, policy)
                     raise
                 self._announce(host, exc, attempt, policy, wait)
-            self._clock.sleep(wait)
+            if idle is None:
+                self._clock.sleep(wait)
+            else:
+                idle(wait)
 
     def _next_wait(
         self,

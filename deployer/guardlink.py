@@ -529,6 +529,24 @@ class GuardLink:
         else:
             self.clock.sleep(seconds, abort)
 
+    def idle_heard(self, seconds: float) -> None:
+        """Spend ``seconds`` heard by the guard: read its stream (each read beats)
+        while one is open on the current session, else sleep. For waits that are
+        not about the guard (an API retry's back-off inside the window): never
+        shorter, never a regained session, never an error raised; on any trouble
+        with the stream, the rest is slept."""
+        end = self.clock.now() + max(seconds, 0.0)
+        while (left := end - self.clock.now()) > 0:
+            current = self._remote()
+            if not self._blocking or self.stream is None or self._stream_remote is not current:
+                self.clock.sleep(left)
+                return
+            try:
+                self._pump(min(left, BEAT))
+            except (SshConnectError, RemoteCommandError):
+                self.clock.sleep(max(end - self.clock.now(), 0.0))
+                return
+
     # -- talking to the guard -----------------------------------------------------------------
 
     def signal(self, name: str, *, regain: bool = True) -> None:

@@ -578,7 +578,11 @@ class HostRun:
         self.guard.signal(FIRSTLIFE)
 
     def _shut_window(self) -> None:
-        self.api.set_allow_clientless(self.host, False, retry=HARD_RETRY)
+        # retried hard through an outage: heard by the guard meanwhile, or after its
+        # silence limit it takes deployer for gone and cuts the tunnel under it
+        self.api.set_allow_clientless(
+            self.host, False, retry=HARD_RETRY, idle=self.guard.idle_heard
+        )
         if self.window_open_since is not None:
             self.exposure += self.clock.now() - self.window_open_since
         self.window_open_since = None
@@ -605,7 +609,9 @@ class HostRun:
                     step="soak",
                 )
         self.guard.state(self.step_name)
-        if not self.api.client_status(self.host, retry=HARD_RETRY, within=self._soak_left()):
+        if not self.api.client_status(
+            self.host, retry=HARD_RETRY, within=self._soak_left(), idle=self.guard.idle_heard
+        ):
             raise ClientOffline(
                 f"new client went offline during the soak ({self.plan.stable_for:g}s)",
                 host=self.host.name,

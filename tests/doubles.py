@@ -413,6 +413,7 @@ class FakeApi:
         self.on_call: Callable[[str, bool | None], None] | None = None
         self.within: list[float | None] = []  # each set_allow_clientless's time budget
         self.status_within: list[float | None] = []  # each client_status's time budget
+        self.idles: list[tuple[str, bool | None, Any]] = []  # (call, allow, its idle hook)
         self.scripts: dict[str, str] = {}  # host -> what get_client_script answers
         self._lock = threading.Lock()
 
@@ -439,8 +440,11 @@ class FakeApi:
 
     # -- the ProviderAPI surface ----------------------------------------------------------
 
-    def client_status(self, host: Any, *, retry: Any = None, within: float | None = None) -> bool:
+    def client_status(
+        self, host: Any, *, retry: Any = None, within: float | None = None, idle: Any = None
+    ) -> bool:
         self.status_within.append(within)
+        self.idles.append(("client_status", None, idle))
         self._call("client_status", host)
         return bool(self.online())
 
@@ -453,9 +457,16 @@ class FakeApi:
         self.tunnel_open = False
 
     def set_allow_clientless(
-        self, host: Any, allow: bool, *, retry: Any = None, within: float | None = None
+        self,
+        host: Any,
+        allow: bool,
+        *,
+        retry: Any = None,
+        within: float | None = None,
+        idle: Any = None,
     ) -> None:
         self.within.append(within)
+        self.idles.append(("set_allow_clientless", allow, idle))
         self._call("set_allow_clientless", host, allow)
         if allow and not self.allow:
             self.exposures.append([self.clock(), None])

@@ -284,6 +284,24 @@ def test_a_retried_code_that_clears_returns_normally(serve, make_api, clock):
     assert api.calls_for("pi-01") == 3 and api.calls_for("other") == 0
 
 
+def test_the_waits_between_retries_are_spent_by_idle_when_one_is_given(serve, make_api, clock):
+    """Inside the window the workflow waits heard by the host's guard: its ``idle``
+    spends each back-off instead of a sleep, for exactly as long."""
+    serve(
+        reply(11, False, "not connected"),
+        reply(11, False, "x"),
+        reply(),
+        reply(11, False, "not connected"),
+        reply(allow_clientless=False),
+    )
+    api = make_api()
+    spent: list[float] = []
+    assert api.client_status(HOST, idle=spent.append)
+    assert len(spent) == 2 and clock.sleeps == []
+    api.set_allow_clientless(HOST, False)  # no idle: slept as before
+    assert len(clock.sleeps) == 1 and len(spent) == 2
+
+
 def test_too_many_calls_slows_the_shared_limiter(serve, make_api, clock):
     serve(reply(22, False, "slow down"), reply())
     limiter = RateLimiter(1000.0)

@@ -11,6 +11,7 @@ import json
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,24 @@ def test_a_lost_stream_is_regained_and_the_swap_words_written_again(host):
     assert host.link.last()["state"] == ARMED  # on a new session, a new stream
     assert host.regained == 1
     wait_for(lambda: (host.run_dir / GO).exists())  # idempotent: written again
+
+
+def test_an_api_wait_inside_the_window_is_spent_heard_by_the_guard(host, monkeypatch):
+    """idle_heard: the whole wait, beating on the stream (an API back-off must not
+    look like a deployer gone); on a lost session it sleeps, never regains."""
+    monkeypatch.setattr(guardlink, "BEAT", 0.05)
+    host.run_dir.mkdir(parents=True)
+    host.write_status(ARMED, RUNNING)
+    host.link.lines()  # the stream is open
+    beats = host.remote.words.count("alive")
+    start = time.monotonic()
+    host.link.idle_heard(0.4)
+    assert time.monotonic() - start >= 0.4  # a line that came did not end the wait
+    assert host.remote.words.count("alive") >= beats + 3
+    host.remote.lost = True
+    start = time.monotonic()
+    host.link.idle_heard(0.2)  # no error, no new session
+    assert time.monotonic() - start >= 0.2 and host.regained == 0
 
 
 def test_the_follower_ends_when_deployers_end_closes(host):

@@ -435,6 +435,17 @@ def test_a_tunnel_that_comes_up_late_is_waited_for(site):
     assert len(site.factory.made) == 1
 
 
+def test_api_waits_inside_the_window_are_spent_heard_by_the_guard(site):
+    """Closing the window and the soak's last look are retried hard (through an
+    outage): their back-offs read the guard's stream, so the guard never takes a
+    deployer that waits on the provider for one that is gone (and cuts its tunnel)."""
+    res = site.run(release="2")
+    assert res.result is Outcome.UPGRADED, res.error
+    hooks = {(call, allow): idle for call, allow, idle in site.api.idles if idle is not None}
+    assert set(hooks) == {("set_allow_clientless", False), ("client_status", None)}
+    assert all(getattr(idle, "__name__", "") == "idle_heard" for idle in hooks.values())
+
+
 def test_a_late_tunnel_is_tried_again_at_least_twice_a_second(site, monkeypatch):
     """A refusal costs one connect() (no SSH set-up): once the tunnel is up, the next
     try comes within 0.5 s, not up to 2 s later (the mean wait of a real fleet's
