@@ -36,6 +36,7 @@ from deployer.errors import (
     SshSessionLost,
     VerifyError,
 )
+from deployer.guard import CLEANUP_WORD  # + the cleanup's arguments, on the stream
 from deployer.hostfiles import HostPaths, LockInfo
 from deployer.remote import Channel, Remote, sh, sha256_hex
 
@@ -177,7 +178,6 @@ ANSWER_WAIT = 60.0  # seconds for a link task's answer (lock, inspect, cleanup)
 STAGE_WAIT = 120.0  # seconds for the staged files to be written, checked and validated
 OUTPUT_TAIL = 300  # characters of a failing command's output shown (after masking)
 ARM_WAIT = 30.0  # seconds for the guard to start armed
-CLEANUP_WORD = "cleanup "  # + the cleanup's arguments: guard.py's CLEANUP_WORD
 # seconds between deployer's signs of life on the guard's stream: the guard's
 # silence_limit is 15 s at the least, so a beat every 5 s leaves it three; each
 # beat is a write, a packet and a ``touch`` on the host (a 35 s soak made 35)

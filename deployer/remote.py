@@ -157,10 +157,7 @@ class SshRemote:
     # -- connection ---------------------------------------------------------
 
     def open(self) -> SshRemote:
-        from fabric import Config, Connection
-
-        host = self.host
-        known_hosts = Path(host.known_hosts).expanduser()
+        known_hosts = Path(self.host.known_hosts).expanduser()
         # The TCP connection first: while a tunnel comes up, deployer tries again
         # and again (refused until the client's next poll), and a refusal should
         # cost a connect(), not a fabric Connection and its config each time.
@@ -168,6 +165,32 @@ class SshRemote:
             sock = socket.create_connection(self.endpoint, timeout=self.connect_timeout)
         except OSError as exc:
             raise self._connect_error(exc, known_hosts) from None
+        try:  # the socket is closed on any failure before paramiko owns it
+            conn = self._connection(sock, known_hosts)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            conn.open()
+        except HostKeyError as exc:
+            exc.host = self.name
+            conn.close()
+            sock.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to our error types below
+            conn.close()
+            sock.close()
+            raise self._connect_error(exc, known_hosts) from None
+        conn.transport.set_keepalive(5)
+        sock.settimeout(READER_WAKE)
+        self._conn = conn
+        return self
+
+    def _connection(self, sock: socket.socket, known_hosts: Path):
+        """The fabric Connection over ``sock``, host keys checked against ``known_hosts``."""
+        from fabric import Config, Connection
+
+        host = self.host
         config = Config(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
         conn = Connection(
             host=self.endpoint[0],
@@ -188,21 +211,7 @@ class SshRemote:
         conn.client.set_missing_host_key_policy(_host_key_policy(host.host_key_policy, known_hosts))
         if known_hosts.exists():
             conn.client.get_host_keys().load(str(known_hosts))
-        try:
-            conn.open()
-        except HostKeyError as exc:
-            exc.host = self.name
-            conn.close()
-            sock.close()
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to our error types below
-            conn.close()
-            sock.close()
-            raise self._connect_error(exc, known_hosts) from None
-        conn.transport.set_keepalive(5)
-        sock.settimeout(READER_WAKE)
-        self._conn = conn
-        return self
+        return conn
 
     def _connect_error(self, exc: Exception, known_hosts: Path):
         import paramiko
